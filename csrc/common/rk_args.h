@@ -1,0 +1,150 @@
+// Argument checking and coefficient packing shared by the CPU and CUDA kernels, so that both
+// devices accept and reject exactly the same inputs.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace flashode {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// Makes a tensor contiguous once; already-contiguous inputs skip the dispatcher round trip.
+inline Tensor as_contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+
+// Upper bounds that let the CUDA kernels receive coefficients by value (kernel parameters).
+constexpr int kMaxStages = 32;
+constexpr int kMaxDenseDegree = 8;
+constexpr int kMaxSegments = 64;
+
+// A stage combination y + sum_t weight[t] * k[index[t]] with zero coefficients dropped and h folded
+// into the weights once on the host.
+struct StageTerms {
+  int count = 0;
+  int index[kMaxStages];
+  double weight[kMaxStages];
+};
+
+inline const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    default: return "a non-floating dtype";
+  }
+}
+
+inline void check_state(const Tensor& y, const char* op) {
+  const ScalarType t = y.scalar_type();
+  STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double, "flashode.", op,
+                  ": states must be float32 or float64, got ", dtype_name(t),
+                  " (float16/bfloat16 states lose too much precision in an ODE solve; "
+                  "cast y0 to float32)");
+}
+
+// k must hold S >= needed rows of y.numel() elements, same dtype and device as y.
+inline int64_t check_stages(const Tensor& y, const Tensor& k, int64_t needed, const char* op) {
+  STD_TORCH_CHECK(k.dim() >= 1, "flashode.", op, ": k must have a leading stage dimension");
+  const int64_t stages = k.size(0);
+  STD_TORCH_CHECK(k.numel() == stages * y.numel(), "flashode.", op,
+                  ": k must have shape (S, *y.shape); got ", k.numel(), " elements for S=", stages,
+                  " and y with ", y.numel(), " elements");
+  STD_TORCH_CHECK(k.scalar_type() == y.scalar_type(), "flashode.", op,
+                  ": k and y must have the same dtype");
+  STD_TORCH_CHECK(k.get_device_index() == y.get_device_index() && k.is_cuda() == y.is_cuda(),
+                  "flashode.", op, ": k and y must be on the same device");
+  STD_TORCH_CHECK(stages >= needed, "flashode.", op, ": ", needed,
+                  " coefficients need at least as many stages, k has ", stages);
+  STD_TORCH_CHECK(stages <= kMaxStages, "flashode.", op, ": at most ", kMaxStages,
+                  " stages are supported, got ", stages);
+  return stages;
+}
+
+inline StageTerms pack_terms(const std::vector<double>& coeffs, double h) {
+  STD_TORCH_CHECK(static_cast<int64_t>(coeffs.size()) <= kMaxStages,
+                  "flashode: at most ", kMaxStages, " stage coefficients are supported");
+  StageTerms terms;
+  for (size_t j = 0; j < coeffs.size(); ++j) {
+    if (coeffs[j] != 0.0) {
+      terms.index[terms.count] = static_cast<int>(j);
+      terms.weight[terms.count] = coeffs[j] * h;
+      ++terms.count;
+    }
+  }
+  return terms;
+}
+
+// Segments of the flat state for the mixed error norm: cumulative ends, the last equal to n.
+struct Segments {
+  int count = 0;
+  int64_t end[kMaxSegments];
+};
+
+inline Segments check_segments(const std::vector<int64_t>& ends, int64_t n) {
+  Segments seg;
+  if (ends.empty()) {
+    seg.count = 1;
+    seg.end[0] = n;
+    return seg;
+  }
+  STD_TORCH_CHECK(static_cast<int64_t>(ends.size()) <= kMaxSegments, "flashode.rk_finalize: at most ",
+                  kMaxSegments, " norm segments are supported, got ", ends.size());
+  int64_t prev = 0;
+  for (size_t s = 0; s < ends.size(); ++s) {
+    STD_TORCH_CHECK(ends[s] >= prev, "flashode.rk_finalize: segment_ends must be non-decreasing");
+    prev = ends[s];
+    seg.end[s] = ends[s];
+  }
+  STD_TORCH_CHECK(prev == n, "flashode.rk_finalize: the last segment end (", prev,
+                  ") must equal the state size (", n, ")");
+  seg.count = static_cast<int>(ends.size());
+  return seg;
+}
+
+// Tolerances are a scalar (numel 1) or one value per state element, in the state's dtype.
+inline void check_tolerance(const Tensor& tol, const Tensor& y, const char* name) {
+  STD_TORCH_CHECK(tol.numel() == 1 || tol.numel() == y.numel(), "flashode.rk_finalize: ", name,
+                  " must have 1 or ", y.numel(), " elements, got ", tol.numel());
+  STD_TORCH_CHECK(tol.scalar_type() == y.scalar_type(), "flashode.rk_finalize: ", name,
+                  " must have the state's dtype");
+  STD_TORCH_CHECK(tol.get_device_index() == y.get_device_index() && tol.is_cuda() == y.is_cuda(),
+                  "flashode.rk_finalize: ", name, " must be on the state's device");
+}
+
+// Dense output: the polynomial weights B_j(theta_m) * h, evaluated once on the host.
+inline std::vector<double> dense_weights(const std::vector<double>& poly,
+                                         const std::vector<double>& theta, int64_t stages,
+                                         double h) {
+  STD_TORCH_CHECK(stages > 0 && poly.size() % stages == 0,
+                  "flashode.rk_dense: poly must hold S * D coefficients for S = ", stages,
+                  " stages, got ", poly.size());
+  const size_t degree = poly.size() / stages;
+  STD_TORCH_CHECK(degree <= static_cast<size_t>(kMaxDenseDegree), "flashode.rk_dense: degree ",
+                  degree, " exceeds the supported ", kMaxDenseDegree);
+  std::vector<double> w(theta.size() * stages);
+  for (size_t m = 0; m < theta.size(); ++m) {
+    STD_TORCH_CHECK(std::isfinite(theta[m]), "flashode.rk_dense: theta must be finite");
+    for (int64_t j = 0; j < stages; ++j) {
+      double power = theta[m], acc = 0.0;
+      for (size_t p = 0; p < degree; ++p) {
+        acc += poly[j * degree + p] * power;
+        power *= theta[m];
+      }
+      w[m * stages + j] = acc * h;
+    }
+  }
+  return w;
+}
+
+}  // namespace flashode

@@ -1,0 +1,259 @@
+// CPU kernels for the fused Runge–Kutta ops (schemas in ../ops.cpp).
+//
+// Each op is one pass over memory: the state is walked in tiles of kTile elements that stay in L1
+// while every stage row is folded in, so y and each k[j] are read once and the output written once.
+// The inner loops are plain arrays with restrict pointers, which GCC vectorises (-O3; see
+// -fopt-info-vec). Large states are split into fixed chunks run on torch's intra-op thread pool
+// (stable parallel_for); the chunking does not depend on the thread count, so the error norm's
+// reduction order, and hence every result, is the same for any number of threads.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/rk_args.h"
+
+namespace flashode {
+namespace {
+
+constexpr int64_t kTile = 256;     // elements per tile: S * kTile * 8 bytes stays in L1/L2
+constexpr int64_t kChunk = 16384;  // elements per parallel work item (fixed: deterministic sums)
+
+template <typename T>
+using acc_t = T;  // float32 states accumulate in float32, float64 in float64
+
+// out[i] = y[i] + sum_t w_t * k[idx_t][i] for i in [i0, i0 + len).
+template <typename T>
+inline void combine_tile(const T* __restrict y, const T* __restrict k, int64_t n,
+                         const StageTerms& terms, T* __restrict out, int64_t i0, int64_t len) {
+  acc_t<T> acc[kTile];
+  for (int64_t i = 0; i < len; ++i) acc[i] = 0;
+  for (int t = 0; t < terms.count; ++t) {
+    const acc_t<T> w = static_cast<acc_t<T>>(terms.weight[t]);
+    const T* __restrict row = k + terms.index[t] * n + i0;
+    for (int64_t i = 0; i < len; ++i) acc[i] += w * row[i];
+  }
+  const T* __restrict y0 = y + i0;
+  T* __restrict o = out + i0;
+  for (int64_t i = 0; i < len; ++i) o[i] = static_cast<T>(y0[i] + acc[i]);
+}
+
+// Runs body(begin, end) over [0, n) in fixed chunks, threaded when there is more than one chunk.
+template <typename F>
+inline void for_each_chunk(int64_t n, const F& body) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  if (chunks <= 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(c * kChunk, std::min(n, (c + 1) * kChunk));
+  });
+}
+
+template <typename T>
+void stage_impl(const Tensor& y, const Tensor& k, const StageTerms& terms, Tensor& out) {
+  const int64_t n = y.numel();
+  const T* yp = y.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  for_each_chunk(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i0 = begin; i0 < end; i0 += kTile)
+      combine_tile(yp, kp, n, terms, op, i0, std::min(kTile, end - i0));
+  });
+}
+
+Tensor rk_stage_cpu(Tensor y, Tensor k, std::vector<double> a, double h) {
+  check_state(y, "rk_stage");
+  check_stages(y, k, static_cast<int64_t>(a.size()), "rk_stage");
+  y = as_contiguous(y);
+  k = as_contiguous(k);
+  const StageTerms terms = pack_terms(a, h);
+  Tensor out = torch::stable::empty_like(y);
+  if (y.scalar_type() == ScalarType::Double) {
+    stage_impl<double>(y, k, terms, out);
+  } else {
+    stage_impl<float>(y, k, terms, out);
+  }
+  return out;
+}
+
+// Finalisation over [begin, end) which lies inside one norm segment: writes y1 (and err), returns
+// the sum of squared scaled errors in double.
+template <typename T>
+double finalize_range(const T* __restrict y, const T* __restrict k, int64_t n,
+                      const StageTerms& sol, const StageTerms& errw, const T* __restrict rtol,
+                      const T* __restrict atol, bool tol_per_element, T* __restrict y1,
+                      T* __restrict err_out, int64_t begin, int64_t end) {
+  double sumsq = 0.0;
+  T err[kTile];
+  for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+    const int64_t len = std::min(kTile, end - i0);
+    combine_tile(y, k, n, sol, y1, i0, len);
+    for (int64_t i = 0; i < len; ++i) err[i] = 0;
+    for (int t = 0; t < errw.count; ++t) {
+      const T w = static_cast<T>(errw.weight[t]);
+      const T* __restrict row = k + errw.index[t] * n + i0;
+      for (int64_t i = 0; i < len; ++i) err[i] += w * row[i];
+    }
+    const T* __restrict y0 = y + i0;
+    const T* __restrict y1t = y1 + i0;
+    acc_t<T> partial = 0;
+    if (tol_per_element) {
+      const T* __restrict rt = rtol + i0;
+      const T* __restrict at = atol + i0;
+      for (int64_t i = 0; i < len; ++i) {
+        const T scale = at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1t[i]));
+        const T r = err[i] / scale + (y1t[i] - y1t[i]);  // NaN when y1 is not finite
+        partial += r * r;
+      }
+    } else {
+      const T rt = rtol[0], at = atol[0];
+      for (int64_t i = 0; i < len; ++i) {
+        const T scale = at + rt * std::max(std::abs(y0[i]), std::abs(y1t[i]));
+        const T r = err[i] / scale + (y1t[i] - y1t[i]);  // NaN when y1 is not finite
+        partial += r * r;
+      }
+    }
+    sumsq += static_cast<double>(partial);
+    if (err_out != nullptr) std::copy(err, err + len, err_out + i0);
+  }
+  return sumsq;
+}
+
+template <typename T>
+void finalize_impl(const Tensor& y, const Tensor& k, const StageTerms& sol, const StageTerms& errw,
+                   const Tensor& rtol, const Tensor& atol, const Segments& seg, Tensor& y1,
+                   T* err_out, double* ratio) {
+  const int64_t n = y.numel();
+  const T* yp = y.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* rp = rtol.const_data_ptr<T>();
+  const T* ap = atol.const_data_ptr<T>();
+  const bool per_element = rtol.numel() != 1 || atol.numel() != 1;
+  // Per-element tolerances are expanded so both pointers can be indexed alike.
+  std::vector<T> rbuf, abuf;
+  if (per_element && rtol.numel() == 1) {
+    rbuf.assign(n, rp[0]);
+    rp = rbuf.data();
+  }
+  if (per_element && atol.numel() == 1) {
+    abuf.assign(n, ap[0]);
+    ap = abuf.data();
+  }
+  T* y1p = y1.mutable_data_ptr<T>();
+  const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  std::vector<double> partial(chunks * seg.count, 0.0);
+  for_each_chunk(n, [&](int64_t begin, int64_t end) {
+    const int64_t chunk = begin / kChunk;
+    int64_t seg_begin = 0;
+    for (int s = 0; s < seg.count; ++s) {
+      const int64_t lo = std::max(begin, seg_begin), hi = std::min(end, seg.end[s]);
+      if (lo < hi)
+        partial[chunk * seg.count + s] =
+            finalize_range(yp, kp, n, sol, errw, rp, ap, per_element, y1p, err_out, lo, hi);
+      seg_begin = seg.end[s];
+    }
+  });
+  // Mixed norm: the largest per-segment RMS; NaN anywhere makes the ratio NaN.
+  double result = 0.0;
+  int64_t seg_begin = 0;
+  for (int s = 0; s < seg.count; ++s) {
+    const int64_t size = seg.end[s] - seg_begin;
+    seg_begin = seg.end[s];
+    if (size == 0) continue;
+    double sumsq = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) sumsq += partial[c * seg.count + s];
+    const double rms = std::sqrt(sumsq / static_cast<double>(size));
+    if (std::isnan(rms)) {
+      result = std::numeric_limits<double>::quiet_NaN();
+      break;
+    }
+    result = std::max(result, rms);
+  }
+  *ratio = result;
+}
+
+std::tuple<Tensor, Tensor, Tensor> rk_finalize_cpu(Tensor y, Tensor k, std::vector<double> b,
+                                                   std::vector<double> b_error, double h,
+                                                   Tensor rtol, Tensor atol,
+                                                   std::vector<int64_t> segment_ends,
+                                                   bool return_error) {
+  check_state(y, "rk_finalize");
+  check_stages(y, k, static_cast<int64_t>(std::max(b.size(), b_error.size())), "rk_finalize");
+  check_tolerance(rtol, y, "rtol");
+  check_tolerance(atol, y, "atol");
+  const Segments seg = check_segments(segment_ends, y.numel());
+  y = as_contiguous(y);
+  k = as_contiguous(k);
+  rtol = as_contiguous(rtol);
+  atol = as_contiguous(atol);
+  const StageTerms sol = pack_terms(b, h), errw = pack_terms(b_error, h);
+  Tensor y1 = torch::stable::empty_like(y);
+  Tensor err = return_error ? torch::stable::empty_like(y)
+                            : torch::stable::new_empty(y, std::vector<int64_t>{0});
+  Tensor ratio = torch::stable::new_empty(y, std::vector<int64_t>{}, ScalarType::Double);
+  double* rp = ratio.mutable_data_ptr<double>();
+  if (y.scalar_type() == ScalarType::Double) {
+    finalize_impl<double>(y, k, sol, errw, rtol, atol, seg, y1,
+                          return_error ? err.mutable_data_ptr<double>() : nullptr, rp);
+  } else {
+    finalize_impl<float>(y, k, sol, errw, rtol, atol, seg, y1,
+                         return_error ? err.mutable_data_ptr<float>() : nullptr, rp);
+  }
+  return {y1, err, ratio};
+}
+
+template <typename T>
+void dense_impl(const Tensor& y, const Tensor& k, const std::vector<double>& weights,
+                int64_t stages, int64_t outputs, Tensor& out) {
+  const int64_t n = y.numel();
+  const T* yp = y.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  // One StageTerms per output time; the tile loop is outermost so each k tile is read from memory
+  // once and reused from cache for every output time.
+  std::vector<StageTerms> terms(outputs);
+  for (int64_t m = 0; m < outputs; ++m) {
+    std::vector<double> row(weights.begin() + m * stages, weights.begin() + (m + 1) * stages);
+    terms[m] = pack_terms(row, 1.0);
+  }
+  for_each_chunk(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+      const int64_t len = std::min(kTile, end - i0);
+      for (int64_t m = 0; m < outputs; ++m) combine_tile(yp, kp, n, terms[m], op + m * n, i0, len);
+    }
+  });
+}
+
+Tensor rk_dense_cpu(Tensor y, Tensor k, std::vector<double> poly, std::vector<double> theta,
+                    double h) {
+  check_state(y, "rk_dense");
+  const int64_t stages = check_stages(y, k, 1, "rk_dense");
+  y = as_contiguous(y);
+  k = as_contiguous(k);
+  const std::vector<double> weights = dense_weights(poly, theta, stages, h);
+  const int64_t outputs = static_cast<int64_t>(theta.size());
+  std::vector<int64_t> shape{outputs};
+  for (int64_t d : y.sizes()) shape.push_back(d);
+  Tensor out = torch::stable::new_empty(y, shape);
+  if (y.scalar_type() == ScalarType::Double) {
+    dense_impl<double>(y, k, weights, stages, outputs, out);
+  } else {
+    dense_impl<float>(y, k, weights, stages, outputs, out);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace flashode
+
+STABLE_TORCH_LIBRARY_IMPL(flashode, CPU, m) {
+  m.impl("rk_stage", TORCH_BOX(&flashode::rk_stage_cpu));
+  m.impl("rk_finalize", TORCH_BOX(&flashode::rk_finalize_cpu));
+  m.impl("rk_dense", TORCH_BOX(&flashode::rk_dense_cpu));
+}

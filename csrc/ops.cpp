@@ -1,0 +1,22 @@
+// Every flashode op schema, in one place. Kernels live in cpu/ and cuda/; autograd formulas and
+// fake (meta) implementations are registered from Python (python/flashode/_ops.py).
+//
+// All ops see the state as a flat vector of N elements. `k` is the stacked stage buffer with
+// k.size(0) = S rows of N elements each. Coefficients are host data (`float[]`), so a kernel never
+// hard-codes a method: the Butcher tableaus live in python/flashode/tableaus.py.
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(flashode, m) {
+  // y + h * sum_j a[j] * k[j], over the first len(a) stages.
+  m.def("rk_stage(Tensor y, Tensor k, float[] a, float h) -> Tensor");
+  // One pass: y1 = y + h * sum_j b[j] k[j]; err = h * sum_j b_error[j] k[j]; and the error ratio
+  // max over segments s of RMS_s(err / (atol + rtol * max(|y|, |y1|))). segment_ends are the
+  // cumulative ends of the segments ([] = one segment). err is returned only if return_error
+  // (otherwise an empty tensor). The ratio is a 0-dim float64 tensor.
+  m.def(
+      "rk_finalize(Tensor y, Tensor k, float[] b, float[] b_error, float h, Tensor rtol, "
+      "Tensor atol, int[] segment_ends, bool return_error) -> (Tensor, Tensor, Tensor)");
+  // Continuous extension at M points theta in [0, 1] of one step:
+  // out[m] = y + h * sum_j B_j(theta_m) k[j], with B_j(x) = sum_p poly[j * D + p] x^(p + 1).
+  m.def("rk_dense(Tensor y, Tensor k, float[] poly, float[] theta, float h) -> Tensor");
+}

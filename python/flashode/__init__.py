@@ -1,0 +1,14 @@
+"""flashode: neural ODE solvers for PyTorch with fused C++/CUDA Runge–Kutta kernels.
+
+A drop-in for torchdiffeq: `import flashode as torchdiffeq` and `odeint` behaves the same.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._config import show_config
+from .errors import SolverError
+from .odeint import odeint
+
+__all__ = ["odeint", "show_config", "SolverError", "__version__"]

@@ -1,0 +1,95 @@
+"""Adapts a user's vector field to the solvers' internal view of a problem.
+
+Solvers integrate a flat state in an increasing internal time tau (host Python floats); the user
+sees torchdiffeq's conventions: `func(t, y)` with `t` a 0-dim tensor in y's dtype, `y` shaped like
+`y0` (or a tuple), and decreasing output times handled by t = -tau. Nothing here negates f: the
+solvers fold the direction sign into the step size they pass to the kernels, saving an op per
+evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class Perturb(Enum):
+    """Which side of a time point func is evaluated on (torchdiffeq's semantics)."""
+
+    NONE = 0
+    PREV = 1  # just before: the last stage of a step, so f never sees a discontinuity at t1
+    NEXT = 2  # just after: the first evaluation after a jump
+
+
+def _flat_to_shape(flat: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
+    parts, start = [], 0
+    for shape in shapes:
+        stop = start + shape.numel()
+        parts.append(flat[..., start:stop].view(*flat.shape[:-1], *shape))
+        start = stop
+    return tuple(parts)
+
+
+class VectorField:
+    """f(tau, y_flat_or_shaped) for the solvers; counts evaluations."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        y0: Tensor,
+        direction: float,
+        tuple_shapes: list[torch.Size] | None,
+    ) -> None:
+        self.func = func
+        self.direction = direction
+        self.tuple_shapes = tuple_shapes
+        self.dtype = y0.dtype
+        self.device = y0.device
+        self.state_shape = y0.shape
+        self.nfe = 0
+        self._float32_time = y0.dtype == torch.float32
+
+    def time_tensor(self, tau: float, perturb: Perturb = Perturb.NONE) -> Tensor:
+        """The user-facing time for internal time tau, in y's dtype, nudged one ulp if asked."""
+        if self._float32_time:
+            value: float = float(np.float32(tau))
+            if perturb is not Perturb.NONE:
+                toward = np.float32(-np.inf if perturb is Perturb.PREV else np.inf)
+                value = float(np.nextafter(np.float32(value), toward))
+        else:
+            value = tau
+            if perturb is not Perturb.NONE:
+                value = math.nextafter(value, -math.inf if perturb is Perturb.PREV else math.inf)
+        return torch.scalar_tensor(self.direction * value, dtype=self.dtype, device=self.device)
+
+    def user_time(self, tau: float) -> float:
+        return self.direction * tau
+
+    def __call__(self, tau: float, y: Tensor, perturb: Perturb = Perturb.NONE) -> Tensor:
+        self.nfe += 1
+        t = self.time_tensor(tau, perturb)
+        if self.tuple_shapes is None:
+            out = self.func(t, y)
+            if not isinstance(out, Tensor) or out.shape != self.state_shape:
+                raise _shape_error(out, self.state_shape, self.user_time(tau))
+            return out
+        out = self.func(t, _flat_to_shape(y, self.tuple_shapes))
+        if not isinstance(out, (tuple, list)) or len(out) != len(self.tuple_shapes):
+            raise TypeError(
+                f"func must return a tuple of {len(self.tuple_shapes)} tensors matching the tuple y0, "
+                f"got {type(out).__name__} at t={self.user_time(tau):.6g}"
+            )
+        return torch.cat([o.reshape(-1) for o in out])
+
+
+def _shape_error(out: object, shape: torch.Size, t: float) -> Exception:
+    if not isinstance(out, Tensor):
+        return TypeError(f"func must return a Tensor shaped like y0 {tuple(shape)}, got {type(out).__name__} at t={t:.6g}")
+    return ValueError(
+        f"func returned shape {tuple(out.shape)} but the state y0 has shape {tuple(shape)} (at t={t:.6g})"
+    )

@@ -1,0 +1,203 @@
+"""Loads flashode's compiled kernels and exposes every fused op through one Python function each.
+
+The libraries register the ops `torch.ops.flashode.*` through the LibTorch stable ABI. Here we add
+what the stable ABI cannot: fake (meta) implementations so `torch.compile` can trace the ops, and
+autograd formulas so a whole solve can be backpropagated. When a library is missing, fails to load,
+or a device has no kernel, the same functions run the pure-PyTorch reference (`_reference.py`);
+`flashode.show_config()` reports which path each op takes on each device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import _reference
+
+_LIB_DIR = Path(__file__).resolve().parent / "_lib"
+OP_NAMES = ("rk_stage", "rk_finalize", "rk_dense")
+
+# device type -> None if the kernels for it are loaded, else why not
+load_errors: dict[str, str] = {}
+kernel_devices: set[str] = set()
+
+
+def _load_library(device: str, filename: str) -> None:
+    path = _LIB_DIR / filename
+    if not path.exists():
+        load_errors[device] = f"{path} is missing (flashode was not built with kernels for {device})"
+        return
+    try:
+        torch.ops.load_library(str(path))
+    except Exception as exc:  # any loader failure must leave flashode importable
+        load_errors[device] = f"loading {path.name} failed: {exc}"
+        return
+    kernel_devices.add(device)
+
+
+def _load_all() -> None:
+    _load_library("cpu", "libflashode_cpu.so")
+    if "cpu" not in kernel_devices:
+        warnings.warn(
+            f"flashode: compiled kernels unavailable ({load_errors['cpu']}); "
+            "every op runs on the pure-PyTorch reference path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    if torch.version.cuda:
+        _load_library("cuda", "libflashode_cuda.so")
+        if "cuda" not in kernel_devices and torch.cuda.is_available():
+            warnings.warn(
+                f"flashode: CUDA kernels unavailable ({load_errors['cuda']}); "
+                "CUDA tensors use the pure-PyTorch reference path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    else:
+        load_errors["cuda"] = f"torch {torch.__version__} is not a CUDA build"
+
+
+_load_all()
+
+
+# ----------------------------------------------------------------------------- fake + autograd
+
+
+def _register_fake_and_autograd() -> None:
+    lib = "flashode::"
+
+    @torch.library.register_fake(lib + "rk_stage")
+    def _(y: Tensor, k: Tensor, a: list[float], h: float) -> Tensor:
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "rk_finalize")
+    def _(y, k, b, b_error, h, rtol, atol, segment_ends, return_error):  # type: ignore[no-untyped-def]
+        y1 = torch.empty_like(y, memory_format=torch.contiguous_format)
+        err = torch.empty_like(y1) if return_error else y.new_empty(0)
+        return y1, err, y.new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake(lib + "rk_dense")
+    def _(y: Tensor, k: Tensor, poly: list[float], theta: list[float], h: float) -> Tensor:
+        return y.new_empty((len(theta), *y.shape))
+
+    def stage_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        y, k, a, h = inputs
+        ctx.k_shape, ctx.weights = k.shape, [h * c for c in a]
+
+    def stage_backward(ctx, grad):  # type: ignore[no-untyped-def]
+        return grad, _stage_grad(grad, ctx.k_shape, [ctx.weights]), None, None
+
+    torch.library.register_autograd(lib + "rk_stage", stage_backward, setup_context=stage_setup)
+
+    def finalize_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        y, k, b, b_error, h, *_ = inputs
+        ctx.k_shape = k.shape
+        ctx.b = [h * c for c in b]
+        ctx.e = [h * c for c in b_error]
+        ctx.mark_non_differentiable(output[2])
+
+    def finalize_backward(ctx, grad_y1, grad_err, _grad_ratio):  # type: ignore[no-untyped-def]
+        grads, weights = [grad_y1], [ctx.b]
+        if grad_err is not None and grad_err.numel() == grad_y1.numel():
+            grads.append(grad_err)
+            weights.append(ctx.e)
+        grad_k = _stage_grad(torch.stack(grads), ctx.k_shape, weights)
+        return grad_y1, grad_k, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "rk_finalize", finalize_backward, setup_context=finalize_setup)
+
+    def dense_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        y, k, poly, theta, h = inputs
+        ctx.k_shape = k.shape
+        ctx.weights = _reference.dense_weights(list(poly), list(theta), k.shape[0], h)
+
+    def dense_backward(ctx, grad):  # type: ignore[no-untyped-def]
+        return grad.sum(0), _stage_grad(grad, ctx.k_shape, ctx.weights), None, None, None
+
+    torch.library.register_autograd(lib + "rk_dense", dense_backward, setup_context=dense_setup)
+
+
+def _stage_grad(grads: Tensor, k_shape: torch.Size, weights: list[list[float]]) -> Tensor:
+    """d/dk of sum_m <grads[m], sum_j weights[m][j] k[j]>: (S, *state) from (M, *state) grads."""
+    stages = k_shape[0]
+    w = torch.tensor(
+        [row + [0.0] * (stages - len(row)) for row in weights], dtype=grads.dtype, device=grads.device
+    )
+    flat = grads.reshape(len(weights), -1)
+    return (w.t() @ flat).reshape(k_shape)
+
+
+if kernel_devices:
+    _register_fake_and_autograd()
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _kernel_or_reference(name: str) -> Callable[..., object]:
+    kernel = getattr(torch.ops.flashode, name).default if kernel_devices else None
+    reference = getattr(_reference, name)
+    devices = kernel_devices
+
+    def op(y: Tensor, *args: object) -> object:
+        if kernel is not None and y.device.type in devices:
+            return kernel(y, *args)
+        return reference(y, *args)
+
+    op.__name__ = name
+    op.__doc__ = f"flashode.{name}: compiled kernel where loaded for y's device, else the reference."
+    return op
+
+
+rk_stage = _kernel_or_reference("rk_stage")
+rk_finalize = _kernel_or_reference("rk_finalize")
+rk_dense = _kernel_or_reference("rk_dense")
+
+
+class NoGradOps:
+    """The ops for one device with autograd bypassed, for solves that record no graph.
+
+    Calling an op through the dispatcher's Autograd key runs the Python autograd wrapper of
+    register_autograd (~15 us per call on CPU) even under no_grad; redispatching straight to the
+    device's kernel skips it. Only valid when no input requires grad and grad mode is off.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type in kernel_devices:
+            keys = torch._C.DispatchKeySet(
+                torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
+            )
+            stage = torch.ops.flashode.rk_stage.default
+            finalize = torch.ops.flashode.rk_finalize.default
+            dense = torch.ops.flashode.rk_dense.default
+            self.rk_stage = lambda *args: stage.redispatch(keys, *args)
+            self.rk_finalize = lambda *args: finalize.redispatch(keys, *args)
+            self.rk_dense = lambda *args: dense.redispatch(keys, *args)
+        else:
+            self.rk_stage = _reference.rk_stage
+            self.rk_finalize = _reference.rk_finalize
+            self.rk_dense = _reference.rk_dense
+
+
+class AutogradOps:
+    """The ops with their autograd formulas, for solves that backpropagate."""
+
+    rk_stage = staticmethod(rk_stage)
+    rk_finalize = staticmethod(rk_finalize)
+    rk_dense = staticmethod(rk_dense)
+
+
+def ops_for(device: torch.device, record_graph: bool) -> NoGradOps | AutogradOps:
+    return AutogradOps() if record_graph else NoGradOps(device)
+
+
+def path_for(device_type: str) -> str:
+    """Which implementation the ops take on a device type: 'CPU kernel', 'CUDA kernel' or 'reference'."""
+    if device_type in kernel_devices:
+        return f"{device_type.upper()} kernel"
+    return "reference"

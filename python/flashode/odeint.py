@@ -1,0 +1,143 @@
+"""`flashode.odeint`: torchdiffeq's front door (checks, tuple states, time reversal, method lookup).
+
+Input checks raise torchdiffeq 0.2.5's exception types with its messages, so code written against
+torchdiffeq sees the same errors; flashode adds checks torchdiffeq lacks (integer or half-precision
+states, non-finite y0, wrongly shaped func outputs).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ._func import VectorField, _flat_to_shape
+from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVER_NAMES, make_solver
+
+__all__ = ["odeint"]
+
+
+def odeint(
+    func: Callable[..., Any],
+    y0: Tensor | tuple[Tensor, ...],
+    t: Tensor,
+    *,
+    rtol: float | Tensor | tuple[Any, ...] = 1e-7,
+    atol: float | Tensor | tuple[Any, ...] = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    event_fn: Callable[..., Any] | None = None,
+) -> Tensor | tuple[Tensor, ...]:
+    """Integrate dy/dt = func(t, y), y(t[0]) = y0, and return y at every time in t.
+
+    A drop-in for `torchdiffeq.odeint` (same signature, defaults, methods, options and output):
+    `y0` is a tensor of any shape, or a tuple of tensors; `t` a 1-D strictly increasing or
+    decreasing floating tensor; the result has shape `(len(t), *y0.shape)` with `result[0] == y0`
+    (a tuple of such tensors for a tuple `y0`). `func(t, y)` receives `t` as a 0-dim tensor in y's
+    dtype. Adaptive methods: dopri5 (default), dopri8, tsit5, bosh3, fehlberg2, adaptive_heun;
+    fixed-grid: euler, midpoint, heun2, heun3, rk4 (options step_size / grid_constructor / interp
+    / perturb). Gradients flow through the solve by autograd; see `odeint_adjoint` for constant
+    memory.
+    """
+    if event_fn is not None:
+        if len(t) != 2:
+            raise ValueError(f"We require len(t) == 2 when in event handling mode, but got len(t)={len(t)}.")
+        raise NotImplementedError(
+            "flashode.odeint: event_fn is not supported yet; use torchdiffeq for event handling until "
+            "flashode's odeint_event lands"
+        )
+
+    tuple_shapes: list[torch.Size] | None = None
+    if not isinstance(y0, Tensor):
+        assert isinstance(y0, tuple), "y0 must be either a torch.Tensor or a tuple"
+        tuple_shapes = [y.shape for y in y0]
+        rtol = _tuple_tol("rtol", rtol, tuple_shapes)
+        atol = _tuple_tol("atol", atol, tuple_shapes)
+        _check_state_dtypes(y0)
+        y0_flat = torch.cat([y.reshape(-1) for y in y0])
+    else:
+        _check_state_dtypes((y0,))
+        y0_flat = y0
+
+    options = {} if options is None else dict(options)
+    if method is None:
+        method = "dopri5"
+    if method not in SOLVER_NAMES:
+        raise ValueError(
+            'Invalid method "{}". Must be one of {}'.format(method, '{"' + '", "'.join(SOLVER_NAMES) + '"}.')
+        )
+
+    _check_timelike("t", t)
+    reversed_time = len(t) > 1 and bool(t[0] > t[1])
+    if not reversed_time:
+        _assert_increasing(t)
+    else:
+        _assert_increasing(-t)
+
+    if torch.is_tensor(rtol):
+        assert not rtol.requires_grad, "rtol cannot require gradient"
+    if torch.is_tensor(atol):
+        assert not atol.requires_grad, "atol cannot require gradient"
+    if t.device != y0_flat.device:
+        warnings.warn("t is not on the same device as y0. Coercing to y0.device.")
+        t = t.to(y0_flat.device)
+
+    direction = -1.0 if reversed_time else 1.0
+    field = VectorField(func, y0_flat, direction, tuple_shapes)
+    time_dtype = options.pop("dtype", torch.float64)
+    time_dtype = torch.promote_types(time_dtype, y0_flat.abs().dtype)
+    tau_tensor = (t if not reversed_time else -t).to(time_dtype)
+    tau = [float(x) for x in tau_tensor.tolist()]  # the solve's one read of t to the host
+    if len(tau) == 1:
+        out = y0_flat.unsqueeze(0)
+    else:
+        solver = make_solver(
+            method, field, y0_flat, rtol=rtol, atol=atol, options=options, func=func,
+            tuple_shapes=tuple_shapes, direction=direction, time_dtype=time_dtype,
+        )
+        out = solver.integrate(tau, tau_tensor) if method in FIXED_METHODS else solver.integrate(tau)
+    if tuple_shapes is not None:
+        return _flat_to_shape(out, tuple_shapes)
+    return out
+
+
+def _tuple_tol(name: str, tol: Any, shapes: list[torch.Size]) -> Any:
+    try:
+        iter(tol)
+    except TypeError:
+        return tol
+    tol = tuple(tol)
+    assert len(tol) == len(shapes), "If using tupled {} it must have the same length as the tuple y0".format(name)
+    return torch.cat([torch.as_tensor(tol_).expand(shape.numel()) for tol_, shape in zip(tol, shapes)])
+
+
+def _check_state_dtypes(ys: tuple[Tensor, ...]) -> None:
+    for y in ys:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y0 must be a Tensor or a tuple of Tensors, got {type(y).__name__}")
+        if not torch.is_floating_point(y):
+            raise TypeError(
+                f"y0 must be a floating point Tensor (float32 or float64) but is {y.dtype}; "
+                "an ODE state cannot be integer-valued (use y0.double() or y0.float())"
+            )
+        if y.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"y0 has dtype {y.dtype}: flashode integrates float32 or float64 states "
+                "(half precision cannot hold the tolerances of an ODE solve); cast y0 to float32 and "
+                "run func under torch.autocast if you want half-precision arithmetic inside it"
+            )
+
+
+def _check_timelike(name: str, t: Any) -> None:
+    assert isinstance(t, torch.Tensor), "{} must be a torch.Tensor".format(name)
+    if not torch.is_floating_point(t):
+        raise TypeError("`{}` must be a floating point Tensor but is a {}".format(name, t.type()))
+    assert t.ndimension() == 1, "{} must be one dimensional".format(name)
+    diff = t[1:] > t[:-1]
+    assert diff.all() or (~diff).all(), "{} must be strictly increasing or decreasing".format(name)
+
+
+def _assert_increasing(t: Tensor) -> None:
+    assert (t[1:] > t[:-1]).all(), "t must be strictly increasing or decreasing"

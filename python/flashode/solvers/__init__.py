@@ -1,0 +1,124 @@
+"""Method registry: maps a method name and torchdiffeq-style options onto a configured solver."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .._func import VectorField
+from ..tableaus import ADAPTIVE, FIXED
+from .common import Callbacks, ErrorNorm
+from .fixed_grid import FixedGridRKSolver
+from .rk_adaptive import AdaptiveOptions, AdaptiveRKSolver
+
+ADAPTIVE_METHODS = tuple(ADAPTIVE)
+FIXED_METHODS = tuple(FIXED)
+SOLVER_NAMES = ADAPTIVE_METHODS + FIXED_METHODS
+
+_ADAPTIVE_OPTIONS = {
+    "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor", "dfactor",
+    "max_num_steps", "norm",
+}
+_FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb"}
+
+
+def _as_float(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _as_times(x: Any, direction: float) -> list[float]:
+    if x is None:
+        return []
+    values = x.reshape(-1).tolist() if isinstance(x, Tensor) else list(x)
+    return [direction * float(v) for v in values]
+
+
+def _tolerance(tol: Any, y0: Tensor, name: str) -> Tensor:
+    """A scalar or per-element tolerance in the state's dtype and device (numel 1 or N)."""
+    tol_t = torch.as_tensor(tol, dtype=y0.dtype, device=y0.device).detach()
+    if tol_t.numel() == 1:
+        return tol_t.reshape(())
+    if tol_t.numel() == y0.numel() and tol_t.dim() <= 1:
+        return tol_t.contiguous()
+    try:
+        return tol_t.expand(y0.shape).contiguous()
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(tol_t.shape)} does not broadcast to y0's shape {tuple(y0.shape)}") from None
+
+
+def make_solver(
+    method: str,
+    field: VectorField,
+    y0: Tensor,
+    *,
+    rtol: Any,
+    atol: Any,
+    options: dict[str, Any],
+    func: Callable[..., Any],
+    tuple_shapes: list[torch.Size] | None,
+    direction: float,
+    time_dtype: torch.dtype,
+) -> AdaptiveRKSolver | FixedGridRKSolver:
+    callbacks = Callbacks(func, tuple_shapes)
+    if method in FIXED:
+        unknown = set(options) - _FIXED_OPTIONS - {"norm"}  # torchdiffeq drops `norm` silently
+        if unknown:
+            warnings.warn("{}: Unexpected arguments {}".format("FixedGridRKSolver", {k: options[k] for k in unknown}))
+        step_size = options.get("step_size")
+        grid_constructor = options.get("grid_constructor")
+        user_grid = None
+        if grid_constructor is not None:
+            # The constructor sees user time; the solver works in internal time tau = direction * t.
+            def user_grid(tau: Tensor) -> Tensor:
+                return direction * grid_constructor(func, _shaped(y0, tuple_shapes), direction * tau)
+        return FixedGridRKSolver(
+            field, y0, FIXED[method],
+            step_size=None if step_size is None else abs(_as_float(step_size)),
+            grid_constructor=user_grid,
+            interp=options.get("interp", "linear"),
+            perturb=bool(options.get("perturb", False)),
+            callbacks=callbacks,
+        )
+
+    unknown = set(options) - _ADAPTIVE_OPTIONS
+    if unknown:
+        warnings.warn("{}: Unexpected arguments {}".format("AdaptiveRKSolver", {k: options[k] for k in unknown}))
+    n = y0.numel()
+    segment_ends: list[int] = []
+    if tuple_shapes is not None and len(tuple_shapes) > 1:
+        total = 0
+        for shape in tuple_shapes:
+            total += shape.numel()
+            segment_ends.append(total)
+    norm = ErrorNorm(
+        _tolerance(rtol, y0, "rtol"), _tolerance(atol, y0, "atol"), segment_ends,
+        options.get("norm"), tuple_shapes,
+    )
+    if norm.rtol.numel() not in (1, n) or norm.atol.numel() not in (1, n):
+        raise ValueError(f"rtol/atol must be scalars or have one value per state element ({n})")
+    first_step = options.get("first_step")
+    opts = AdaptiveOptions(
+        first_step=None if first_step is None else abs(_as_float(first_step)),
+        min_step=_as_float(options.get("min_step", 0.0)),
+        max_step=_as_float(options.get("max_step", math.inf)),
+        step_t=_as_times(options.get("step_t"), direction),
+        jump_t=_as_times(options.get("jump_t"), direction),
+        safety=_as_float(options.get("safety", 0.9)),
+        ifactor=_as_float(options.get("ifactor", 10.0)),
+        dfactor=_as_float(options.get("dfactor", 0.2)),
+        max_num_steps=int(_as_float(options.get("max_num_steps", 2**31 - 1))),
+        time_float32=time_dtype == torch.float32,
+    )
+    return AdaptiveRKSolver(field, y0, ADAPTIVE[method], norm, opts, callbacks)
+
+
+def _shaped(y0: Tensor, tuple_shapes: list[torch.Size] | None) -> Any:
+    if tuple_shapes is None:
+        return y0
+    from .._func import _flat_to_shape
+
+    return _flat_to_shape(y0, tuple_shapes)

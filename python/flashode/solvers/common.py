@@ -1,0 +1,136 @@
+"""Pieces shared by the Runge–Kutta solvers: error norm, stage buffers, callbacks, initial step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .._func import VectorField, _flat_to_shape
+
+
+class ErrorNorm:
+    """How a step's scaled error becomes one number.
+
+    Default: RMS over the state (torchdiffeq's `_rms_norm`), or for tuple states the largest RMS of
+    any component (`_mixed_norm`): both are computed inside `rk_finalize` from segment ends. A
+    user norm (`options['norm']`) is applied in Python to the error the kernel returns.
+    """
+
+    def __init__(
+        self,
+        rtol: Tensor,
+        atol: Tensor,
+        segment_ends: list[int],
+        custom: Callable[[Any], Any] | None,
+        tuple_shapes: list[torch.Size] | None,
+    ) -> None:
+        self.rtol = rtol
+        self.atol = atol
+        self.segment_ends = segment_ends
+        self.custom = custom
+        self.tuple_shapes = tuple_shapes
+        self.saw_non_finite = False
+
+    def apply(self, x: Tensor) -> Tensor:
+        """The norm of a (flat-or-shaped) state-like tensor, as a 0-dim tensor."""
+        if self.custom is not None:
+            arg = x if self.tuple_shapes is None else _flat_to_shape(x.reshape(-1), self.tuple_shapes)
+            return torch.as_tensor(self.custom(arg))
+        flat = x.reshape(-1)
+        ends = self.segment_ends or [flat.numel()]
+        begin, result = 0, None
+        for end in ends:
+            if end > begin:
+                rms = flat[begin:end].abs().pow(2).mean().sqrt()
+                result = rms if result is None else torch.maximum(result, rms)
+            begin = end
+        return result if result is not None else flat.new_zeros(())
+
+    def ratio(self, ratio_t: Tensor, err: Tensor, y0: Tensor, y1: Tensor) -> float:
+        """The step's error ratio as a host float (the step's one device->host read)."""
+        if self.custom is None:
+            value = ratio_t.item()
+        else:
+            tol = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
+            value = float(self.apply(err / tol).abs())
+        if not math.isfinite(value):
+            self.saw_non_finite = True
+        return value
+
+
+class StageBuffers:
+    """The stacked stage buffer k[S, *state] for each step attempt.
+
+    Without a graph to record, two buffers are reused alternately (the carried-over f0 may live in
+    the other one). With autograd each attempt gets a fresh buffer, so no recorded op ever sees its
+    input overwritten.
+    """
+
+    def __init__(self, y0: Tensor, stages: int, record_graph: bool) -> None:
+        self.shape = (stages, *y0.shape)
+        self.like = y0
+        self.record_graph = record_graph
+        self.stages = stages
+        if not record_graph:
+            self.pool = [torch.empty(self.shape, dtype=y0.dtype, device=y0.device) for _ in range(2)]
+            self.pool_rows = [[buf[i] for i in range(stages)] for buf in self.pool]
+            self.turn = 0
+
+    def next(self, f0: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.record_graph:
+            k = torch.empty(self.shape, dtype=self.like.dtype, device=self.like.device)
+            rows = [k[i] for i in range(self.stages)]
+        else:
+            self.turn ^= 1
+            k, rows = self.pool[self.turn], self.pool_rows[self.turn]
+        rows[0].copy_(f0)
+        return k, rows
+
+
+class Callbacks:
+    """torchdiffeq's optional `callback_step/accept_step/reject_step` methods on func."""
+
+    def __init__(self, func: Any, tuple_shapes: list[torch.Size] | None) -> None:
+        self.tuple_shapes = tuple_shapes
+        self._step = getattr(func, "callback_step", None)
+        self._accept = getattr(func, "callback_accept_step", None)
+        self._reject = getattr(func, "callback_reject_step", None)
+
+    def _call(self, cb: Callable[..., Any] | None, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
+        if cb is None:
+            return
+        t = field.time_tensor(t0)
+        y = y0 if self.tuple_shapes is None else _flat_to_shape(y0, self.tuple_shapes)
+        cb(t, y, torch.scalar_tensor(dt, dtype=torch.float64, device=y0.device))
+
+    def step(self, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
+        self._call(self._step, field, t0, y0, dt)
+
+    def accept(self, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
+        self._call(self._accept, field, t0, y0, dt)
+
+    def reject(self, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
+        self._call(self._reject, field, t0, y0, dt)
+
+
+def initial_step_size(
+    field: VectorField, t0: float, y0: Tensor, f0: Tensor, order: int, norm: ErrorNorm, sign: float
+) -> float:
+    """Hairer, Nørsett & Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq computes it."""
+    with torch.no_grad():
+        scale = norm.atol + y0.abs() * norm.rtol
+        d0 = float(norm.apply(y0 / scale).abs())
+        d1 = float(norm.apply(f0 / scale).abs())
+        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        h0 = abs(h0)
+        y1 = y0 + (sign * h0) * f0
+        f1 = field(t0 + h0, y1)
+        d2 = abs(float(norm.apply((f1 - f0) / scale)) / h0)
+    if d1 <= 1e-15 and d2 <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / float(order + 1))
+    return min(100 * h0, abs(h1))

@@ -1,0 +1,184 @@
+"""One adaptive explicit Runge–Kutta solver for every tableau in `tableaus.ADAPTIVE`.
+
+Control flow (step acceptance, step size, output times) runs on the host in Python floats; every
+pass over the state is a fused op: one `rk_stage` per stage, one `rk_finalize` per step (new state,
+error estimate and error norm together) and one `rk_dense` per accepted step for all output times
+it covers. The only device->host read per step is the error ratio, for the accept decision.
+
+Semantics follow torchdiffeq 0.2.5 (`RKAdaptiveStepsizeODESolver`): Hairer's initial step, accept
+when ratio <= 1, the integral controller with safety/ifactor/dfactor and exponent 1/order, min/max
+step clamps, `step_t` and `jump_t`, and `max_num_steps` counted between consecutive outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _ops
+from .._func import Perturb, VectorField
+from ..errors import SolverError
+from ..tableaus import Tableau
+from .common import ErrorNorm, StageBuffers, Callbacks, initial_step_size
+
+
+@dataclass
+class AdaptiveOptions:
+    first_step: float | None = None
+    min_step: float = 0.0
+    max_step: float = math.inf
+    step_t: list[float] = field(default_factory=list)
+    jump_t: list[float] = field(default_factory=list)
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    max_num_steps: int = 2**31 - 1
+    time_float32: bool = False
+
+
+def optimal_step_size(dt: float, ratio: float, opts: AdaptiveOptions, order: int) -> float:
+    """torchdiffeq's integral controller; a non-finite ratio shrinks the step by dfactor."""
+    if ratio == 0.0:
+        return dt * opts.ifactor
+    if not math.isfinite(ratio):
+        return dt * opts.dfactor
+    dfactor = 1.0 if ratio < 1.0 else opts.dfactor
+    factor = min(opts.ifactor, max(opts.safety / ratio ** (1.0 / order), dfactor))
+    return dt * factor
+
+
+class AdaptiveRKSolver:
+    def __init__(
+        self,
+        field: VectorField,
+        y0: Tensor,
+        tableau: Tableau,
+        norm: ErrorNorm,
+        options: AdaptiveOptions,
+        callbacks: Callbacks,
+    ) -> None:
+        self.field = field
+        self.y0 = y0
+        self.tab = tableau
+        self.norm = norm
+        self.opts = options
+        self.callbacks = callbacks
+        self.sign = field.direction
+        self.stages = len(tableau.c)
+        self.rows = [list(r) for r in tableau.a]
+        self.b = list(tableau.b)
+        self.b_error = list(tableau.b_error or ())
+        self.dense = [p for row in tableau.dense for p in row]
+        self.n_steps = self.n_accepted = 0
+        self._round = (lambda x: float(np.float32(x))) if options.time_float32 else (lambda x: x)
+
+    def integrate(self, t: list[float]) -> Tensor:
+        """Solution at the increasing internal times t (t[0] is the initial time)."""
+        y0, field, tab, opts = self.y0, self.field, self.tab, self.opts
+        record_graph = torch.is_grad_enabled()
+        ops = _ops.ops_for(y0.device, record_graph)
+        buffers = StageBuffers(y0, self.stages, record_graph)
+        _check_finite_initial(y0, field.user_time(t[0]))
+
+        t0 = t[0]
+        f0 = field(t0, y0)
+        if opts.first_step is None:
+            dt = initial_step_size(field, t0, y0, f0, tab.order - 1, self.norm, self.sign)
+        else:
+            dt = float(opts.first_step)
+        step_t = _future_times(opts.step_t, t0)
+        jump_t = _future_times(opts.jump_t, t0)
+        if set(step_t) & set(jump_t):
+            raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
+        step_i = jump_i = 0
+
+        outputs: list[Tensor] = [y0.unsqueeze(0)]
+        next_out = 1
+        steps_since_output = 0
+        while next_out < len(t):
+            if steps_since_output >= opts.max_num_steps:
+                raise SolverError(
+                    f"max_num_steps exceeded ({steps_since_output}>={opts.max_num_steps}) at "
+                    f"t={field.user_time(t0):.10g} with dt={dt:.3g} (the solve is stiff or the tolerance too tight?)"
+                )
+            if not math.isfinite(dt):
+                dt = opts.min_step
+            dt = min(max(dt, opts.min_step), opts.max_step)
+            self.callbacks.step(field, t0, y0, dt)
+            t1 = self._round(t0 + dt)
+            if not t1 > t0:
+                raise SolverError(self._underflow_message(t0, dt))
+            on_step = on_jump = False
+            if step_i < len(step_t) and t0 < step_t[step_i] < t1:
+                t1, dt, on_step = step_t[step_i], step_t[step_i] - t0, True
+            if jump_i < len(jump_t) and t0 < jump_t[jump_i] < t1:
+                t1, dt, on_step, on_jump = jump_t[jump_i], jump_t[jump_i] - t0, False, True
+
+            k, k_rows = buffers.next(f0)
+            h = self.sign * dt
+            for i in range(1, self.stages):
+                yi = ops.rk_stage(y0, k, self.rows[i], h)
+                if tab.c[i] == 1.0:
+                    k_rows[i].copy_(field(t1, yi, Perturb.PREV))
+                else:
+                    k_rows[i].copy_(field(self._round(t0 + tab.c[i] * dt), yi))
+            y1, err, ratio_t = ops.rk_finalize(
+                y0, k, self.b, self.b_error, h, self.norm.rtol, self.norm.atol,
+                self.norm.segment_ends, self.norm.custom is not None,
+            )
+            ratio = self.norm.ratio(ratio_t, err, y0, y1)  # the one host read of the step
+            self.n_steps += 1
+            steps_since_output += 1
+
+            accept = ratio <= 1.0
+            if dt > opts.max_step:
+                accept = False
+            if dt <= opts.min_step:
+                accept = True
+            if accept:
+                self.callbacks.accept(field, t0, y0, dt)
+                self.n_accepted += 1
+                first = next_out
+                while next_out < len(t) and t[next_out] <= t1:
+                    next_out += 1
+                if next_out > first:
+                    thetas = [(t[j] - t0) / dt for j in range(first, next_out)]
+                    outputs.append(ops.rk_dense(y0, k, self.dense, thetas, h))
+                    steps_since_output = 0
+                f_next = k_rows[self.stages - 1]
+                if on_step and step_i < len(step_t) - 1:
+                    step_i += 1
+                if on_jump:
+                    if jump_i < len(jump_t) - 1:
+                        jump_i += 1
+                    f_next = field(t1, y1, Perturb.NEXT)
+                y0, f0, t0 = y1, f_next, t1
+            else:
+                self.callbacks.reject(field, t0, y0, dt)
+                # The buffer holding f0 is reused two attempts later; keep the copy in this one.
+                f0 = k_rows[0]
+            dt = min(max(optimal_step_size(dt, ratio, opts, tab.order), opts.min_step), opts.max_step)
+        return torch.cat(outputs)
+
+    def _underflow_message(self, t0: float, dt: float) -> str:
+        cause = (
+            "the state or func produced non-finite values (NaN/inf) for every step size tried"
+            if self.norm.saw_non_finite
+            else "the problem is too stiff for an explicit method at this tolerance"
+        )
+        return f"underflow in dt {dt:.3g} at t={self.field.user_time(t0):.10g}: {cause}"
+
+
+def _future_times(times: list[float], t0: float) -> list[float]:
+    # Grid points at or before t0 can never be stepped to (torchdiffeq starts after t0 too).
+    return sorted(x for x in times if x > t0)
+
+
+def _check_finite_initial(y0: Tensor, t0: float) -> None:
+    if not bool(torch.isfinite(y0).all()):
+        raise ValueError(f"non-finite values in the initial state y0 at t={t0:.10g}")

@@ -1,0 +1,377 @@
+"""Butcher tableaus, as plain data, for flashode's explicit Runge-Kutta solvers.
+
+One generic adaptive solver runs every tableau in ``ADAPTIVE`` and one fixed-grid solver runs
+every tableau in ``FIXED``; a method is nothing but its coefficients here.
+
+The adaptive tableaus reproduce torchdiffeq 0.2.5's methods *including their stage structure*,
+so that flashode takes the same steps, accepts and rejects the same steps and interpolates the
+same way as torchdiffeq (it is meant as a drop-in replacement, and the tests compare the two):
+
+* Stage 0 is never evaluated inside a step: it is the previous step's last stage, which
+  torchdiffeq carries over as ``f0`` (the very first ``f0`` is ``f(t0, y0)``).
+* ``y1 = y0 + h * sum_j b[j] k[j]`` and ``err = h * sum_j b_error[j] k[j]``.
+* Dense output is torchdiffeq's quartic through ``y0``, ``y1``, a mid-point value and the end
+  derivatives, rewritten as per-stage weight polynomials (see ``_quartic_fit_dense``).
+
+Coefficients are written as exact rationals (``Fraction``) wherever the literature gives them
+so, and rounded to float64 once, when the tableau is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction as F
+
+__all__ = ["ADAPTIVE", "FIXED", "Tableau"]
+
+
+@dataclass(frozen=True)
+class Tableau:
+    """An explicit Runge-Kutta method with S stages.
+
+    Stages: ``k[0] = f(t0, y0)`` and, for i >= 1,
+    ``k[i] = f(t0 + c[i] h, y0 + h * sum_{j<i} a[i][j] k[j])``.
+    Solution: ``y1 = y0 + h * sum_j b[j] k[j]``.
+    Error estimate (adaptive methods): ``err = h * sum_j b_error[j] k[j]``.
+    Dense output: ``y(t0 + theta h) = y0 + h * sum_j B_j(theta) k[j]`` with
+    ``B_j(theta) = sum_p dense[j][p] * theta**(p + 1)``.
+    """
+
+    name: str
+    # Adaptive methods: the order torchdiffeq's step-size controller uses (factor
+    # error_ratio**(-1/order); the initial-step heuristic uses order - 1). Fixed-grid methods:
+    # the convergence order.
+    order: int
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    b_error: tuple[float, ...] | None
+    dense: tuple[tuple[float, ...], ...]
+    # The last stage is f(t0 + h, y1), so it doubles as the next step's k[0] (first same as last).
+    fsal: bool
+
+    def __post_init__(self) -> None:
+        s = len(self.c)
+        if s == 0 or self.c[0] != 0.0:
+            raise ValueError(f"{self.name}: c must be non-empty and start with 0")
+        if len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
+            raise ValueError(f"{self.name}: a must be strictly lower triangular, a[i] of length i")
+        if len(self.b) != s or (self.b_error is not None and len(self.b_error) != s):
+            raise ValueError(f"{self.name}: b and b_error must have one weight per stage")
+        if self.dense and (len(self.dense) != s or len({len(row) for row in self.dense}) != 1):
+            raise ValueError(f"{self.name}: dense must have one row per stage, all of one degree")
+
+
+# A coefficient: exact where the literature gives a rational, else the published decimal.
+_Coef = F | float
+
+
+def _floats(xs: Sequence[_Coef]) -> tuple[float, ...]:
+    return tuple(float(x) for x in xs)
+
+
+def _quartic_fit_dense(b: Sequence[F], c_mid: Sequence[F]) -> tuple[tuple[float, ...], ...]:
+    """Per-stage weight polynomials of torchdiffeq's interpolant for one step.
+
+    torchdiffeq fits the quartic p(theta) with p(0) = y0, p(1) = y1, p(1/2) = y_mid,
+    p'(0) = h k[0] and p'(1) = h k[S-1], where y1 = y0 + h sum_j b[j] k[j] and
+    y_mid = y0 + h sum_j c_mid[j] k[j]. Writing p = y0 + h q, the quartic q has no constant
+    term and every condition on it is linear in the stages, so q = sum_j B_j k[j] where B_j is
+    the quartic meeting the conditions with the data replaced by stage j's weights:
+    B_j'(0) = [j == 0], B_j(1) = b[j], B_j(1/2) = c_mid[j], B_j'(1) = [j == S-1].
+    The 4x4 system for B_j's coefficients of theta..theta**4 is solved exactly, for all
+    stages at once (Gauss-Jordan over the rationals).
+    """
+    s = len(b)
+    # Rows: the conditions above applied to theta**1..theta**4, then one right-hand side per stage.
+    rows: list[list[F]] = [
+        [F(1), F(0), F(0), F(0)] + [F(int(j == 0)) for j in range(s)],
+        [F(1), F(1), F(1), F(1)] + list(b),
+        [F(1, 2), F(1, 4), F(1, 8), F(1, 16)] + list(c_mid),
+        [F(1), F(2), F(3), F(4)] + [F(int(j == s - 1)) for j in range(s)],
+    ]
+    for col in range(4):
+        pivot = next(r for r in range(col, 4) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [x / rows[col][col] for x in rows[col]]
+        for r in range(4):
+            if r != col and rows[r][col] != 0:
+                factor = rows[r][col]
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col])]
+    return tuple(tuple(float(rows[p][4 + j]) for p in range(4)) for j in range(s))
+
+
+def _tableau(
+    name: str,
+    order: int,
+    c: Sequence[_Coef],
+    a: Sequence[Sequence[_Coef]],
+    b: Sequence[_Coef],
+    b_error: Sequence[_Coef] | None = None,
+    dense: tuple[tuple[float, ...], ...] = (),
+) -> Tableau:
+    fsal = tuple(a[-1]) == tuple(b[:-1]) and b[-1] == 0 and c[-1] == 1
+    return Tableau(
+        name=name,
+        order=order,
+        c=_floats(c),
+        a=tuple(_floats(row) for row in a),
+        b=_floats(b),
+        b_error=None if b_error is None else _floats(b_error),
+        dense=dense,
+        fsal=fsal,
+    )
+
+
+def _torchdiffeq_tableau(
+    name: str,
+    order: int,
+    c: Sequence[F],
+    a: Sequence[Sequence[F]],
+    b: Sequence[F],
+    b_hat: Sequence[F],
+    c_mid: Sequence[F],
+) -> Tableau:
+    """A torchdiffeq adaptive method from its solution weights b, embedded weights b_hat and
+    mid-point weights c_mid (torchdiffeq stores b - b_hat as its ``c_error``)."""
+    b_error = [x - y for x, y in zip(b, b_hat)]
+    return _tableau(name, order, c, a, b, b_error, _quartic_fit_dense(b, c_mid))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive methods
+# ---------------------------------------------------------------------------------------------
+
+# Dormand-Prince 5(4), FSAL, 7 stages. The embedded weights are the ones torchdiffeq uses (they
+# differ from the 5179/57600, ... pair usually quoted; both are 4th order); c_mid from Shampine's
+# continuous extension evaluated at theta = 1/2, as in torchdiffeq.
+_DOPRI5_B = (F(35, 384), F(0), F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), F(0))
+_DOPRI5 = _torchdiffeq_tableau(
+    "dopri5",
+    5,
+    c=(F(0), F(1, 5), F(3, 10), F(4, 5), F(8, 9), F(1), F(1)),
+    a=(
+        (),
+        (F(1, 5),),
+        (F(3, 40), F(9, 40)),
+        (F(44, 45), F(-56, 15), F(32, 9)),
+        (F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)),
+        (F(9017, 3168), F(-355, 33), F(46732, 5247), F(49, 176), F(-5103, 18656)),
+        _DOPRI5_B[:6],
+    ),
+    b=_DOPRI5_B,
+    b_hat=(
+        F(1951, 21600), F(0), F(22642, 50085), F(451, 720), F(-12231, 42400), F(649, 6300),
+        F(1, 60),
+    ),
+    c_mid=(
+        F(6025192743, 30085553152) / 2,
+        F(0),
+        F(51252292925, 65400821598) / 2,
+        F(-2691868925, 45128329728) / 2,
+        F(187940372067, 1594534317056) / 2,
+        F(-1776094331, 19743644256) / 2,
+        F(11237099, 235043384) / 2,
+    ),
+)
+
+# Bogacki-Shampine 3(2), FSAL, 4 stages; torchdiffeq's mid-point value is the explicit midpoint
+# rule y0 + h/2 k[1].
+_BOSH3 = _torchdiffeq_tableau(
+    "bosh3",
+    3,
+    c=(F(0), F(1, 2), F(3, 4), F(1)),
+    a=((), (F(1, 2),), (F(0), F(3, 4)), (F(2, 9), F(1, 3), F(4, 9))),
+    b=(F(2, 9), F(1, 3), F(4, 9), F(0)),
+    b_hat=(F(7, 24), F(1, 4), F(1, 3), F(1, 8)),
+    c_mid=(F(0), F(1, 2), F(0), F(0)),
+)
+
+# Fehlberg 2(1) and adaptive Heun 2(1) are NOT first-same-as-last: their last stage is evaluated
+# at the lower-order (embedded) solution, not at y1. torchdiffeq nevertheless carries that last
+# stage to the next step as its k[0] (instead of f(t1, y1)), and so does flashode, on purpose:
+# the stage structure is kept identical so that both libraries produce the same steps.
+_FEHLBERG2 = _torchdiffeq_tableau(
+    "fehlberg2",
+    2,
+    c=(F(0), F(1, 2), F(1)),
+    a=((), (F(1, 2),), (F(1, 256), F(255, 256))),
+    b=(F(1, 512), F(255, 256), F(1, 512)),
+    b_hat=(F(1, 256), F(255, 256), F(0)),
+    c_mid=(F(0), F(1, 2), F(0)),
+)
+
+_ADAPTIVE_HEUN = _torchdiffeq_tableau(
+    "adaptive_heun",
+    2,
+    c=(F(0), F(1)),
+    a=((), (F(1),)),
+    b=(F(1, 2), F(1, 2)),
+    b_hat=(F(0), F(1)),
+    c_mid=(F(1, 2), F(0)),
+)
+
+# Prince-Dormand RK8(7)13M with a 14th stage f(t1, y1) appended (as torchdiffeq does), which
+# makes it FSAL. Most coefficients are the authors' rational approximations of irrational
+# values, so the row-sum condition sum(a[i]) == c[i] holds exactly for the first rows only, and
+# to about 1e-17 for the others.
+_DOPRI8_B = (
+    F(14005451, 335480064), F(0), F(0), F(0), F(0), F(-59238493, 1068277825),
+    F(181606767, 758867731), F(561292985, 797845732), F(-1041891430, 1371343529),
+    F(760417239, 1151165299), F(118820643, 751138087), F(-528747749, 2220607170), F(1, 4), F(0),
+)
+
+
+def _dopri8_c_mid() -> list[F]:
+    """torchdiffeq's mid-point weights for dopri8: a sixth-order continuous extension of
+    RK8(7)13M, b_j(theta) = sum_p coef[p] * theta**p, evaluated at theta = 1/2."""
+    polys = {  # stage: coefficients of theta**1 .. theta**6
+        0: ("1.0", "-6.6910181737837595697", "19.9990069333683970610", "-30.0610568289666450593",
+            "22.1396504998094068976", "-6.3448349392860401388"),
+        5: ("0", "-7.6142658045872677172", "52.2273532792945524050", "-121.4999627731334642623",
+            "116.4422149550342161651", "-39.6107919852202505218"),
+        6: ("0", "10.7281392630428866124", "-46.8919164181093621583", "83.1721004639847717481",
+            "-67.1451318825957197185", "20.3761213808791436958"),
+        7: ("0", "0.5526637063753648783", "-0.1890893225010595467", "9.5724507555993664382",
+            "-16.5672243527496524646", "7.3347098826795362023"),
+        8: ("0", "4.2186562625665153803", "-35.7075975946222072821", "87.8406057677205645007",
+            "-89.9916014847245016028", "32.8801774352459155182"),
+        9: ("0", "-0.6627209125361597559", "6.2736448083240352160", "-17.4152107770762969005",
+            "22.6237489648532849093", "-10.1588990526426760954"),
+        10: ("0", "-1.2636789001135462218", "10.3160881272450748458", "-28.5903289514790976966",
+             "32.2362340167355370113", "-12.5401268098782561200"),
+        11: ("0", "5.4106037898590422230", "-34.7650769866611817349", "81.6630950584341412934",
+             "-82.1020315488359848644", "29.5553001484516038033"),
+        12: ("0", "-7.0321379067945741781", "47.7457971078225540396", "-114.9375291377009418170",
+             "116.2662185791119533462", "-41.7923486424390588923"),
+        13: ("0", "2.3537586759714983486", "-19.0082099341608028453", "50.2558364226176017553",
+             "-53.9020777466385396792", "20.3006925822100825485"),
+    }
+    half = F(1, 2)
+    return [
+        sum((F(x) * half ** (p + 1) for p, x in enumerate(polys[j])), F(0)) if j in polys else F(0)
+        for j in range(14)
+    ]
+
+
+_DOPRI8 = _torchdiffeq_tableau(
+    "dopri8",
+    8,
+    c=(
+        F(0), F(1, 18), F(1, 12), F(1, 8), F(5, 16), F(3, 8), F(59, 400), F(93, 200),
+        F(5490023248, 9719169821), F(13, 20), F(1201146811, 1299019798), F(1), F(1), F(1),
+    ),
+    a=(
+        (),
+        (F(1, 18),),
+        (F(1, 48), F(1, 16)),
+        (F(1, 32), F(0), F(3, 32)),
+        (F(5, 16), F(0), F(-75, 64), F(75, 64)),
+        (F(3, 80), F(0), F(0), F(3, 16), F(3, 20)),
+        (F(29443841, 614563906), F(0), F(0), F(77736538, 692538347), F(-28693883, 1125000000),
+         F(23124283, 1800000000)),
+        (F(16016141, 946692911), F(0), F(0), F(61564180, 158732637), F(22789713, 633445777),
+         F(545815736, 2771057229), F(-180193667, 1043307555)),
+        (F(39632708, 573591083), F(0), F(0), F(-433636366, 683701615),
+         F(-421739975, 2616292301), F(100302831, 723423059), F(790204164, 839813087),
+         F(800635310, 3783071287)),
+        (F(246121993, 1340847787), F(0), F(0), F(-37695042795, 15268766246),
+         F(-309121744, 1061227803), F(-12992083, 490766935), F(6005943493, 2108947869),
+         F(393006217, 1396673457), F(123872331, 1001029789)),
+        (F(-1028468189, 846180014), F(0), F(0), F(8478235783, 508512852),
+         F(1311729495, 1432422823), F(-10304129995, 1701304382), F(-48777925059, 3047939560),
+         F(15336726248, 1032824649), F(-45442868181, 3398467696), F(3065993473, 597172653)),
+        (F(185892177, 718116043), F(0), F(0), F(-3185094517, 667107341),
+         F(-477755414, 1098053517), F(-703635378, 230739211), F(5731566787, 1027545527),
+         F(5232866602, 850066563), F(-4093664535, 808688257), F(3962137247, 1805957418),
+         F(65686358, 487910083)),
+        (F(403863854, 491063109), F(0), F(0), F(-5068492393, 434740067),
+         F(-411421997, 543043805), F(652783627, 914296604), F(11173962825, 925320556),
+         F(-13158990841, 6184727034), F(3936647629, 1978049680), F(-160528059, 685178525),
+         F(248638103, 1413531060), F(0)),
+        _DOPRI8_B[:13],
+    ),
+    b=_DOPRI8_B,
+    b_hat=(
+        F(13451932, 455176623), F(0), F(0), F(0), F(0), F(-808719846, 976000145),
+        F(1757004468, 5645159321), F(656045339, 265891186), F(-3867574721, 1518517206),
+        F(465885868, 322736535), F(53011238, 667516719), F(2, 45), F(0), F(0),
+    ),
+    c_mid=_dopri8_c_mid(),
+)
+
+# Tsitouras 5(4) (Ch. Tsitouras, "Runge-Kutta pairs of order 5(4) satisfying only the first
+# column simplifying assumption", Comput. Math. Appl. 62 (2011) 770-775): FSAL, 7 stages, with
+# the paper's own 4th-degree continuous extension as dense output. The coefficients are only
+# published as decimals (the values below are the ones used by OrdinaryDiffEq.jl and diffrax).
+_TSIT5_B = (
+    0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+    2.324710524099774, 0.0,
+)
+_TSIT5 = _tableau(
+    "tsit5",
+    5,
+    c=(0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0),
+    a=(
+        (),
+        (0.161,),
+        (-0.008480655492356989, 0.335480655492357),
+        (2.897153057105493, -6.359448489975075, 4.3622954328695815),
+        (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+        (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
+         -0.028269050394068383),
+        _TSIT5_B[:6],
+    ),
+    b=_TSIT5_B,
+    # b - b_hat; the paper's embedded weights b_hat are 4th order.
+    b_error=(
+        0.00178001105222577714, 0.0008164344596567469, -0.007880878010261995,
+        0.1447110071732629, -0.5823571654525552, 0.45808210592918697, -1 / 66,
+    ),
+    # B_j(theta) = sum_p dense[j][p] theta**(p+1): the paper's b_j(theta), expanded.
+    dense=(
+        (1.0, -2.763706197274826, 2.9132554618219126, -1.0530884977290216),
+        (0.0, 0.1317, -0.2234, 0.1017),
+        (0.0, 3.9302962368947516, -5.941033872131505, 2.490627285651253),
+        (0.0, -12.411077166933676, 30.33818863028232, -16.548102889244902),
+        (0.0, 37.50931341651104, -88.1789048947664, 47.37952196281928),
+        (0.0, -27.896526289197286, 65.09189467479366, -34.87065786149661),
+        (0.0, 1.5, -4.0, 2.5),
+    ),
+)
+
+ADAPTIVE: dict[str, Tableau] = {
+    t.name: t for t in (_DOPRI5, _DOPRI8, _BOSH3, _FEHLBERG2, _ADAPTIVE_HEUN, _TSIT5)
+}
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-grid methods (torchdiffeq's euler, midpoint, heun2, heun3, rk4). Every step evaluates
+# k[0] = f(t0, y0) afresh, and dense output is the fixed-grid solver's own linear or cubic
+# Hermite interpolation, so these carry neither error weights nor stage-based dense output.
+# ---------------------------------------------------------------------------------------------
+
+FIXED: dict[str, Tableau] = {
+    t.name: t
+    for t in (
+        _tableau("euler", 1, c=(F(0),), a=((),), b=(F(1),)),
+        # y_mid = y0 + h/2 k[0]; y1 = y0 + h f(t0 + h/2, y_mid).
+        _tableau("midpoint", 2, c=(F(0), F(1, 2)), a=((), (F(1, 2),)), b=(F(0), F(1))),
+        _tableau("heun2", 2, c=(F(0), F(1)), a=((), (F(1),)), b=(F(1, 2), F(1, 2))),
+        _tableau(
+            "heun3",
+            3,
+            c=(F(0), F(1, 3), F(2, 3)),
+            a=((), (F(1, 3),), (F(0), F(2, 3))),
+            b=(F(1, 4), F(0), F(3, 4)),
+        ),
+        # torchdiffeq's "rk4" is Kutta's 3/8 rule (its rk4_alt_step_func), not the classic RK4.
+        _tableau(
+            "rk4",
+            4,
+            c=(F(0), F(1, 3), F(2, 3), F(1)),
+            a=((), (F(1, 3),), (F(-1, 3), F(1)), (F(1), F(-1), F(1))),
+            b=(F(1, 8), F(3, 8), F(3, 8), F(1, 8)),
+        ),
+    )
+}
