@@ -53,19 +53,28 @@ class VectorField:
         self.state_shape = y0.shape
         self.nfe = 0
         self._float32_time = y0.dtype == torch.float32
+        self._last_key: tuple[float, Perturb] | None = None
+        self._last_time = torch.zeros(())
 
     def time_tensor(self, tau: float, perturb: Perturb = Perturb.NONE) -> Tensor:
-        """The user-facing time for internal time tau, in y's dtype, nudged one ulp if asked."""
-        if self._float32_time:
-            value: float = float(np.float32(tau))
-            if perturb is not Perturb.NONE:
+        """The user-facing time for internal time tau, in y's dtype, nudged one ulp if asked.
+
+        The last tensor made is reused when the same time is asked again (an RK step's stages at
+        t1 share one), saving a tensor creation per step.
+        """
+        key = (tau, perturb)
+        if key == self._last_key:
+            return self._last_time
+        value = tau
+        if perturb is not Perturb.NONE:
+            if self._float32_time:  # nudge in the dtype func sees, as torchdiffeq does
                 toward = np.float32(-np.inf if perturb is Perturb.PREV else np.inf)
-                value = float(np.nextafter(np.float32(value), toward))
-        else:
-            value = tau
-            if perturb is not Perturb.NONE:
-                value = math.nextafter(value, -math.inf if perturb is Perturb.PREV else math.inf)
-        return torch.scalar_tensor(self.direction * value, dtype=self.dtype, device=self.device)
+                value = float(np.nextafter(np.float32(tau), toward))
+            else:
+                value = math.nextafter(tau, -math.inf if perturb is Perturb.PREV else math.inf)
+        t = torch.scalar_tensor(self.direction * value, dtype=self.dtype, device=self.device)
+        self._last_key, self._last_time = key, t
+        return t
 
     def user_time(self, tau: float) -> float:
         return self.direction * tau

@@ -10,11 +10,12 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._func import VectorField, _flat_to_shape
-from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVER_NAMES, make_solver
+from .solvers import SOLVER_NAMES, make_solver
 
 __all__ = ["odeint"]
 
@@ -69,12 +70,8 @@ def odeint(
             'Invalid method "{}". Must be one of {}'.format(method, '{"' + '", "'.join(SOLVER_NAMES) + '"}.')
         )
 
-    _check_timelike("t", t)
-    reversed_time = len(t) > 1 and bool(t[0] > t[1])
-    if not reversed_time:
-        _assert_increasing(t)
-    else:
-        _assert_increasing(-t)
+    t_host = _check_timelike("t", t)
+    reversed_time = len(t_host) > 1 and t_host[0] > t_host[1]
 
     if torch.is_tensor(rtol):
         assert not rtol.requires_grad, "rtol cannot require gradient"
@@ -88,8 +85,10 @@ def odeint(
     field = VectorField(func, y0_flat, direction, tuple_shapes)
     time_dtype = options.pop("dtype", torch.float64)
     time_dtype = torch.promote_types(time_dtype, y0_flat.abs().dtype)
-    tau_tensor = (t if not reversed_time else -t).to(time_dtype)
-    tau = [float(x) for x in tau_tensor.tolist()]  # the solve's one read of t to the host
+    # Internal time tau = direction * t, increasing, as host floats in the time dtype.
+    tau = [direction * x for x in t_host]
+    if time_dtype == torch.float32:
+        tau = [float(np.float32(x)) for x in tau]
     if len(tau) == 1:
         out = y0_flat.unsqueeze(0)
     else:
@@ -97,7 +96,7 @@ def odeint(
             method, field, y0_flat, rtol=rtol, atol=atol, options=options, func=func,
             tuple_shapes=tuple_shapes, direction=direction, time_dtype=time_dtype,
         )
-        out = solver.integrate(tau, tau_tensor) if method in FIXED_METHODS else solver.integrate(tau)
+        out = solver.integrate(tau)
     if tuple_shapes is not None:
         return _flat_to_shape(out, tuple_shapes)
     return out
@@ -130,14 +129,14 @@ def _check_state_dtypes(ys: tuple[Tensor, ...]) -> None:
             )
 
 
-def _check_timelike(name: str, t: Any) -> None:
+def _check_timelike(name: str, t: Any) -> list[float]:
+    """torchdiffeq's checks on t, done on the host copy of t (the solve's one read of t)."""
     assert isinstance(t, torch.Tensor), "{} must be a torch.Tensor".format(name)
     if not torch.is_floating_point(t):
         raise TypeError("`{}` must be a floating point Tensor but is a {}".format(name, t.type()))
     assert t.ndimension() == 1, "{} must be one dimensional".format(name)
-    diff = t[1:] > t[:-1]
-    assert diff.all() or (~diff).all(), "{} must be strictly increasing or decreasing".format(name)
-
-
-def _assert_increasing(t: Tensor) -> None:
-    assert (t[1:] > t[:-1]).all(), "t must be strictly increasing or decreasing"
+    values = t.detach().tolist()
+    increasing = all(b > a for a, b in zip(values, values[1:]))
+    decreasing = all(b < a for a, b in zip(values, values[1:]))
+    assert increasing or decreasing, "{} must be strictly increasing or decreasing".format(name)
+    return values

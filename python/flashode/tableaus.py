@@ -4,11 +4,11 @@ One generic adaptive solver runs every tableau in ``ADAPTIVE`` and one fixed-gri
 every tableau in ``FIXED``; a method is nothing but its coefficients here.
 
 The adaptive tableaus reproduce torchdiffeq 0.2.5's methods *including their stage structure*,
-so that flashode takes the same steps, accepts and rejects the same steps and interpolates the
-same way as torchdiffeq (it is meant as a drop-in replacement, and the tests compare the two):
+so that flashode, a drop-in replacement for torchdiffeq, takes, accepts and rejects the same
+steps and interpolates the same way:
 
-* Stage 0 is never evaluated inside a step: it is the previous step's last stage, which
-  torchdiffeq carries over as ``f0`` (the very first ``f0`` is ``f(t0, y0)``).
+* Stage 0 is not evaluated inside a step: it is the previous step's last stage, which
+  torchdiffeq carries over as ``f0`` (only the very first ``f0`` is ``f(t0, y0)``).
 * ``y1 = y0 + h * sum_j b[j] k[j]`` and ``err = h * sum_j b_error[j] k[j]``.
 * Dense output is torchdiffeq's quartic through ``y0``, ``y1``, a mid-point value and the end
   derivatives, rewritten as per-stage weight polynomials (see ``_quartic_fit_dense``).
@@ -30,8 +30,8 @@ __all__ = ["ADAPTIVE", "FIXED", "Tableau"]
 class Tableau:
     """An explicit Runge-Kutta method with S stages.
 
-    Stages: ``k[0] = f(t0, y0)`` and, for i >= 1,
-    ``k[i] = f(t0 + c[i] h, y0 + h * sum_{j<i} a[i][j] k[j])``.
+    Stages: ``k[0] = f(t0, y0)`` (adaptive solvers: the previous step's last stage, see
+    ``fsal``) and, for i >= 1, ``k[i] = f(t0 + c[i] h, y0 + h * sum_{j<i} a[i][j] k[j])``.
     Solution: ``y1 = y0 + h * sum_j b[j] k[j]``.
     Error estimate (adaptive methods): ``err = h * sum_j b_error[j] k[j]``.
     Dense output: ``y(t0 + theta h) = y0 + h * sum_j B_j(theta) k[j]`` with
@@ -48,7 +48,9 @@ class Tableau:
     b: tuple[float, ...]
     b_error: tuple[float, ...] | None
     dense: tuple[tuple[float, ...], ...]
-    # The last stage is f(t0 + h, y1), so it doubles as the next step's k[0] (first same as last).
+    # Whether the last stage is f(t0 + h, y1) (first same as last). Adaptive solvers carry the
+    # last stage over as the next step's k[0] even when it is not (fehlberg2, adaptive_heun),
+    # because torchdiffeq does; fsal says whether that stage is the derivative at y1.
     fsal: bool
 
     def __post_init__(self) -> None:
@@ -176,8 +178,10 @@ _DOPRI5 = _torchdiffeq_tableau(
     ),
 )
 
-# Bogacki-Shampine 3(2), FSAL, 4 stages; torchdiffeq's mid-point value is the explicit midpoint
-# rule y0 + h/2 k[1].
+# Bogacki-Shampine 3(2), FSAL, 4 stages. torchdiffeq's mid-point value y0 + h/2 k[1] is only
+# first-order accurate (k[1] is the slope at t0 + h/2, not the mean slope over [t0, t0 + h/2]),
+# and so is its quartic interpolant; fehlberg2 and adaptive_heun below have the same flaw. Kept
+# as is, for agreement with torchdiffeq.
 _BOSH3 = _torchdiffeq_tableau(
     "bosh3",
     3,
@@ -224,9 +228,10 @@ _DOPRI8_B = (
 
 
 def _dopri8_c_mid() -> list[F]:
-    """torchdiffeq's mid-point weights for dopri8: a sixth-order continuous extension of
-    RK8(7)13M, b_j(theta) = sum_p coef[p] * theta**p, evaluated at theta = 1/2."""
-    polys = {  # stage: coefficients of theta**1 .. theta**6
+    """torchdiffeq's mid-point weights for dopri8: the degree-6 continuous extension
+    b_j(theta) = sum_p coef[p] * theta**(p + 1) it uses, evaluated at theta = 1/2 (other
+    stages have weight 0)."""
+    polys = {  # stage: published coefficients of theta**1 .. theta**6
         0: ("1.0", "-6.6910181737837595697", "19.9990069333683970610", "-30.0610568289666450593",
             "22.1396504998094068976", "-6.3448349392860401388"),
         5: ("0", "-7.6142658045872677172", "52.2273532792945524050", "-121.4999627731334642623",
@@ -304,7 +309,8 @@ _DOPRI8 = _torchdiffeq_tableau(
 # Tsitouras 5(4) (Ch. Tsitouras, "Runge-Kutta pairs of order 5(4) satisfying only the first
 # column simplifying assumption", Comput. Math. Appl. 62 (2011) 770-775): FSAL, 7 stages, with
 # the paper's own 4th-degree continuous extension as dense output. The coefficients are only
-# published as decimals (the values below are the ones used by OrdinaryDiffEq.jl and diffrax).
+# published as decimals; these are the float64 values used by OrdinaryDiffEq.jl's Tsit5 (its
+# rows of a sum to c to about 1e-15).
 _TSIT5_B = (
     0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
     2.324710524099774, 0.0,
@@ -324,7 +330,8 @@ _TSIT5 = _tableau(
         _TSIT5_B[:6],
     ),
     b=_TSIT5_B,
-    # b - b_hat; the paper's embedded weights b_hat are 4th order.
+    # b - b_hat, b_hat being the paper's 4th-order embedded weights (OrdinaryDiffEq.jl stores
+    # the opposite sign, b_hat - b; the sign does not matter to the error norm).
     b_error=(
         0.00178001105222577714, 0.0008164344596567469, -0.007880878010261995,
         0.1447110071732629, -0.5823571654525552, 0.45808210592918697, -1 / 66,

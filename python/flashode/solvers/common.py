@@ -40,14 +40,15 @@ class ErrorNorm:
             arg = x if self.tuple_shapes is None else _flat_to_shape(x.reshape(-1), self.tuple_shapes)
             return torch.as_tensor(self.custom(arg))
         flat = x.reshape(-1)
-        ends = self.segment_ends or [flat.numel()]
-        begin, result = 0, None
-        for end in ends:
+        if not self.segment_ends:
+            return torch.linalg.vector_norm(flat) / math.sqrt(max(flat.numel(), 1))
+        begin, result = 0, flat.new_zeros(())
+        for end in self.segment_ends:
             if end > begin:
-                rms = flat[begin:end].abs().pow(2).mean().sqrt()
-                result = rms if result is None else torch.maximum(result, rms)
+                rms = torch.linalg.vector_norm(flat[begin:end]) / math.sqrt(end - begin)
+                result = torch.maximum(result, rms)
             begin = end
-        return result if result is not None else flat.new_zeros(())
+        return result
 
     def ratio(self, ratio_t: Tensor, err: Tensor, y0: Tensor, y1: Tensor) -> float:
         """The step's error ratio as a host float (the step's one device->host read)."""

@@ -73,7 +73,7 @@ class FixedGridRKSolver:
         self.dense = linear_dense(tableau.b) if interp == "linear" else cubic_hermite_dense(tableau.b)
         self.n_steps = 0
 
-    def grid(self, t: list[float], t_tensor: Tensor) -> list[float]:
+    def grid(self, t: list[float]) -> list[float]:
         if self.step_size is not None:
             # torchdiffeq's construction: ceil((end - start) / step + 1) points, last moved onto t[-1].
             count = int(math.ceil((t[-1] - t[0]) / self.step_size + 1))
@@ -81,16 +81,16 @@ class FixedGridRKSolver:
             grid[-1] = t[-1]
             return grid
         if self.grid_constructor is not None:
-            grid_t = self.grid_constructor(t_tensor)
+            grid_t = self.grid_constructor(torch.tensor(t, dtype=torch.float64, device=self.y0.device))
             grid = [float(x) for x in grid_t.tolist()]
             if not (grid[0] == t[0] and grid[-1] == t[-1]):
                 raise AssertionError("grid_constructor must return a grid starting at t[0] and ending at t[-1]")
             return grid
         return list(t)
 
-    def integrate(self, t: list[float], t_tensor: Tensor) -> Tensor:
+    def integrate(self, t: list[float]) -> Tensor:
         y0, field = self.y0, self.field
-        grid = self.grid(t, t_tensor)
+        grid = self.grid(t)
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
         extra = 1 if self.interp == "cubic" else 0
