@@ -25,11 +25,13 @@ def test_adaptive_methods_meet_tolerance(method, problem):
     # Global error grows over the span; allow a generous multiple of the local tolerance.
     low_order = method in ("fehlberg2", "adaptive_heun")
     final_err = np.abs(out[-1].numpy() - p.reference[-1]).max()
-    assert final_err < (2e-5 if low_order else 2e-6), final_err
-    # dopri8's outputs between steps come from torchdiffeq's quartic interpolant, which is far less
-    # accurate than the 8th-order steps it interpolates (torchdiffeq's dopri8 errs alike).
+    assert final_err < (2e-5 if low_order or method == "dopri8" else 2e-6), final_err
+    # Outputs between steps use torchdiffeq's quartic interpolant: for bosh3, fehlberg2 and
+    # adaptive_heun its mid-point value is only first-order accurate, and for dopri8 a quartic is
+    # far below the method's order, so those interpolate less accurately than they step (exactly as
+    # in torchdiffeq, whose results flashode reproduces; see test_torchdiffeq_parity.py).
     err = np.abs(out.numpy() - p.reference).max()
-    assert err < (2e-5 if low_order or method == "dopri8" else 2e-6), err
+    assert err < (2e-6 if method in ("dopri5", "tsit5") else 2e-5), err
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
@@ -63,7 +65,7 @@ def test_fixed_grid_on_output_grid_and_cubic_interp(method):
     t = torch.linspace(0, 3, 301, dtype=torch.float64)  # grid = t itself when no step_size
     out = flashode.odeint(p.func, y0, t, method=method)
     ref = torch.tensor(p.reference[-1])
-    assert torch.allclose(out[-1], ref, atol=0.05 if method == "euler" else 1e-4)
+    assert torch.allclose(out[-1], ref, atol={1: 0.05, 2: 2e-3, 3: 1e-5, 4: 1e-7}[FIXED_ORDER[method]])
     t_out = torch.tensor([0.0, 0.013, 0.5, 1.234, 3.0], dtype=torch.float64)
     lin = flashode.odeint(p.func, y0, t_out, method=method, options=dict(step_size=0.1))
     cub = flashode.odeint(p.func, y0, t_out, method=method, options=dict(step_size=0.1, interp="cubic"))

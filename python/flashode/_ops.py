@@ -9,9 +9,10 @@ or a device has no kernel, the same functions run the pure-PyTorch reference (`_
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -203,3 +204,14 @@ def path_for(device_type: str) -> str:
     if device_type in kernel_devices:
         return f"{device_type.upper()} kernel"
     return "reference"
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Run every op on the pure-PyTorch reference inside the block (for comparisons and demos)."""
+    saved = set(kernel_devices)
+    kernel_devices.clear()
+    try:
+        yield
+    finally:
+        kernel_devices.update(saved)

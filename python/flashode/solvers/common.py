@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -80,15 +81,29 @@ class StageBuffers:
             self.pool_rows = [[buf[i] for i in range(stages)] for buf in self.pool]
             self.turn = 0
 
-    def next(self, f0: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def next(self, f0: Tensor) -> tuple[Tensor, Sequence[Tensor]]:
         if self.record_graph:
             k = torch.empty(self.shape, dtype=self.like.dtype, device=self.like.device)
-            rows = [k[i] for i in range(self.stages)]
+            rows: Sequence[Tensor] = _FreshRows(k)
         else:
             self.turn ^= 1
             k, rows = self.pool[self.turn], self.pool_rows[self.turn]
         rows[0].copy_(f0)
         return k, rows
+
+
+class _FreshRows:
+    """k[i] taken at use time: a view made before k joined the graph would go stale once an
+    in-place copy gives k a grad_fn, so autograd needs the rows indexed afresh."""
+
+    def __init__(self, k: Tensor) -> None:
+        self.k = k
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.k[i]
+
+    def __len__(self) -> int:
+        return self.k.shape[0]
 
 
 class Callbacks:

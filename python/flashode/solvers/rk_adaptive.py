@@ -169,7 +169,7 @@ class AdaptiveRKSolver:
         cause = (
             "the state or func produced non-finite values (NaN/inf) for every step size tried"
             if self.norm.saw_non_finite
-            else "the problem is too stiff for an explicit method at this tolerance"
+            else "the solution may blow up here, or the problem is too stiff for an explicit method at this tolerance"
         )
         return f"underflow in dt {dt:.3g} at t={self.field.user_time(t0):.10g}: {cause}"
 
