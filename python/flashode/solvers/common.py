@@ -137,13 +137,12 @@ def initial_step_size(
 ) -> float:
     """Hairer, Nørsett & Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq computes it."""
     with torch.no_grad():
-        scale = norm.atol + y0.abs() * norm.rtol
+        scale = torch.addcmul(norm.atol, y0.abs(), norm.rtol)
         d0 = float(norm.apply(y0 / scale).abs())
         d1 = float(norm.apply(f0 / scale).abs())
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h0 = abs(h0)
-        y1 = y0 + (sign * h0) * f0
-        f1 = field(t0 + h0, y1)
+        f1 = field(t0 + h0, torch.add(y0, f0, alpha=sign * h0))
         d2 = abs(float(norm.apply((f1 - f0) / scale)) / h0)
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)

@@ -96,6 +96,8 @@ class AdaptiveRKSolver:
         if set(step_t) & set(jump_t):
             raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
         step_i = jump_i = 0
+        stage_plan = [(i, self.rows[i], tab.c[i]) for i in range(1, self.stages)]
+        rk_stage = ops.rk_stage
 
         outputs: list[Tensor] = [y0.unsqueeze(0)]
         next_out = 1
@@ -121,12 +123,12 @@ class AdaptiveRKSolver:
 
             k, k_rows = buffers.next(f0)
             h = self.sign * dt
-            for i in range(1, self.stages):
-                yi = ops.rk_stage(y0, k, self.rows[i], h)
-                if tab.c[i] == 1.0:
+            for i, row, c in stage_plan:
+                yi = rk_stage(y0, k, row, h)
+                if c == 1.0:  # stages at the step's end see t1 from just before (torchdiffeq)
                     k_rows[i].copy_(field(t1, yi, Perturb.PREV))
                 else:
-                    k_rows[i].copy_(field(self._round(t0 + tab.c[i] * dt), yi))
+                    k_rows[i].copy_(field(self._round(t0 + c * dt), yi))
             y1, err, ratio_t = ops.rk_finalize(
                 y0, k, self.b, self.b_error, h, self.norm.rtol, self.norm.atol,
                 self.norm.segment_ends, self.norm.custom is not None,
