@@ -398,13 +398,6 @@ def test_finalize_zero_error_gives_zero_ratio(device: str, impl: Impl, n: int, b
     assert ratio.item() == 0.0 and not bool(err.any())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: kernel and reference disagree: the kernels (pack_terms) drop zero *coefficients* "
-    "before multiplying by h, the reference drops zero *products* h*c; with h == 0 a non-finite "
-    "stage gives NaN (0*inf) from the kernel, y from the reference",
-)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["rk_stage", "rk_finalize"])
 def test_zero_step_with_non_finite_stage_agrees(device: str, op: str) -> None:
@@ -419,13 +412,7 @@ def test_zero_step_with_non_finite_stage_agrees(device: str, op: str) -> None:
 @pytest.mark.parametrize(
     "device",
     [
-        pytest.param(
-            "cpu",
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError,
-                reason="BUG: the CPU kernel squares float32 scaled errors in float32",
-            ),
-        ),
+        "cpu",
         pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda]),
     ],
 )
@@ -471,8 +458,8 @@ def f64(*shape: int, device: str = "cpu") -> torch.Tensor:
 @dataclass
 class Bad:
     """One invalid call: `over` are default_args overrides (a callable of the device where they are
-    tensors). `reference` is "raises", "kernel-only" (a kernel capacity limit the reference need
-    not share) or "gap" (the reference accepts an input the contract forbids: a bug, xfailed)."""
+    tensors). `reference` is "raises" or "kernel-only" (a kernel capacity limit the reference need
+    not share)."""
 
     id: str
     ops: tuple[str, ...]
@@ -498,9 +485,8 @@ BAD_INPUTS = [
     Bad("atol-size", ("rk_finalize",), lambda d: {"atol": f64(2, device=d).abs()}, "atol must have 1 or 12"),
     Bad("poly-size", ("rk_dense",), lambda d: {"poly": [0.1] * 5}, re.escape("poly must hold S * D")),
     Bad("tol-dtype", ("rk_finalize",), lambda d: {"rtol": torch.full((), 1e-3, device=d)},
-        "rtol must have the state's dtype", reference="gap"),
-    Bad("theta-nan", ("rk_dense",), lambda d: {"theta": [0.5, math.nan]}, "theta must be finite",
-        reference="gap"),
+        "rtol must have the state's dtype"),
+    Bad("theta-nan", ("rk_dense",), lambda d: {"theta": [0.5, math.nan]}, "theta must be finite"),
     Bad("degree-9", ("rk_dense",), lambda d: {"poly": [0.1] * 27}, "degree 9 exceeds",
         reference="kernel-only"),
     Bad("65-segments", ("rk_finalize",), lambda d: {"segment_ends": [0] * 64 + [12]}, "at most 64 norm",
@@ -515,11 +501,7 @@ def bad_input_params() -> list:
             for impl in ("kernel", "reference"):
                 if impl == "reference" and bad.reference == "kernel-only":
                     continue
-                marks = []
-                if impl == "reference" and bad.reference == "gap":
-                    reason = "BUG: the reference accepts it"
-                    marks.append(pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=reason))
-                params.append(pytest.param(op, impl, bad, id=f"{op}-{bad.id}-{impl}", marks=marks))
+                params.append(pytest.param(op, impl, bad, id=f"{op}-{bad.id}-{impl}"))
     return params
 
 
@@ -605,18 +587,12 @@ def test_finalize_ratio_is_not_differentiable() -> None:
     assert y1.requires_grad and err.requires_grad and not ratio.requires_grad
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="BUG: rk_dense backward with no output times fails"
-)
 def test_dense_backward_with_no_output_times() -> None:
     y, k = f64(3).requires_grad_(), f64(2, 3).requires_grad_()
     _ops.rk_dense(y, k, [1.0, 0.5], [], 0.1).sum().backward()
     assert not bool(y.grad.any()) and not bool(k.grad.any())
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="BUG: rk_finalize backward stacks grad_y1 with err's (0,) grad"
-)
 def test_finalize_backward_empty_multidim_state_without_error() -> None:
     y, k = f64(2, 0).requires_grad_(), f64(2, 2, 0).requires_grad_()
     y1, _, _ = _ops.rk_finalize(y, k, [1.0, 0.0], [0.1, 0.0], 0.1, *tols(y), [], False)

@@ -76,9 +76,10 @@ inline StageTerms pack_terms(const std::vector<double>& coeffs, double h) {
                   "flashode: at most ", kMaxStages, " stage coefficients are supported");
   StageTerms terms;
   for (size_t j = 0; j < coeffs.size(); ++j) {
-    if (coeffs[j] != 0.0) {
+    const double weight = coeffs[j] * h;
+    if (weight != 0.0) {  // a zero weight skips the row entirely (0 * inf must not poison y)
       terms.index[terms.count] = static_cast<int>(j);
-      terms.weight[terms.count] = coeffs[j] * h;
+      terms.weight[terms.count] = weight;
       ++terms.count;
     }
   }

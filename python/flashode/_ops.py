@@ -96,15 +96,16 @@ def _register_fake_and_autograd() -> None:
     torch.library.register_autograd(lib + "rk_stage", stage_backward, setup_context=stage_setup)
 
     def finalize_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
-        y, k, b, b_error, h, *_ = inputs
+        y, k, b, b_error, h, *_, return_error = inputs
         ctx.k_shape = k.shape
+        ctx.return_error = return_error
         ctx.b = [h * c for c in b]
         ctx.e = [h * c for c in b_error]
         ctx.mark_non_differentiable(output[2])
 
     def finalize_backward(ctx, grad_y1, grad_err, _grad_ratio):  # type: ignore[no-untyped-def]
         grads, weights = [grad_y1], [ctx.b]
-        if grad_err is not None and grad_err.numel() == grad_y1.numel():
+        if ctx.return_error and grad_err is not None:
             grads.append(grad_err)
             weights.append(ctx.e)
         grad_k = _stage_grad(torch.stack(grads), ctx.k_shape, weights)
@@ -126,6 +127,8 @@ def _register_fake_and_autograd() -> None:
 def _stage_grad(grads: Tensor, k_shape: torch.Size, weights: list[list[float]]) -> Tensor:
     """d/dk of sum_m <grads[m], sum_j weights[m][j] k[j]>: (S, *state) from (M, *state) grads."""
     stages = k_shape[0]
+    if not weights:  # no output rows (e.g. rk_dense at no times): k gets no gradient
+        return grads.new_zeros(k_shape)
     w = torch.tensor(
         [row + [0.0] * (stages - len(row)) for row in weights], dtype=grads.dtype, device=grads.device
     )

@@ -7,6 +7,8 @@ They are written for clarity, not speed, and are differentiable by plain autogra
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,6 +63,8 @@ def rk_finalize(
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if tol.numel() not in (1, n):
             raise RuntimeError(f"flashode.rk_finalize: {name} must have 1 or {n} elements")
+        if tol.dtype != y.dtype:
+            raise RuntimeError(f"flashode.rk_finalize: {name} must have the state's dtype")
     ends = list(segment_ends) if segment_ends else [n]
     if ends[-1] != n or any(e1 < e0 for e0, e1 in zip([0] + ends[:-1], ends)):
         raise RuntimeError("flashode.rk_finalize: segment_ends must be non-decreasing and end at the state size")
@@ -85,6 +89,8 @@ def dense_weights(poly: list[float], theta: list[float], stages: int, h: float) 
     if stages <= 0 or len(poly) % stages != 0:
         raise RuntimeError("flashode.rk_dense: poly must hold S * D coefficients")
     degree = len(poly) // stages
+    if not all(math.isfinite(x) for x in theta):
+        raise RuntimeError("flashode.rk_dense: theta must be finite")
     weights = []
     for x in theta:
         row = []
