@@ -18,6 +18,16 @@
 
 #include "common/rk_args.h"
 
+// The hot loops are compiled twice, for baseline x86-64 (SSE2) and for x86-64-v3 (AVX2), and the
+// loader picks the best one for the running CPU (GCC function multi-versioning): the ops with many
+// stage rows (finalize, dense) are compute-bound at SSE2 width. -ffp-contract=off keeps both clones
+// free of FMA contraction so every CPU rounds exactly alike.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FLASHODE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FLASHODE_CPU_CLONES
+#endif
+
 namespace flashode {
 namespace {
 
@@ -29,7 +39,7 @@ using acc_t = T;  // float32 states accumulate in float32, float64 in float64
 
 // out[i] = y[i] + sum_t w_t * k[idx_t][i] for i in [i0, i0 + len).
 template <typename T>
-inline void combine_tile(const T* __restrict y, const T* __restrict k, int64_t n,
+[[gnu::always_inline]] inline void combine_tile(const T* __restrict y, const T* __restrict k, int64_t n,
                          const StageTerms& terms, T* __restrict out, int64_t i0, int64_t len) {
   acc_t<T> acc[kTile];
   for (int64_t i = 0; i < len; ++i) acc[i] = 0;
@@ -57,15 +67,18 @@ inline void for_each_chunk(int64_t n, const F& body) {
 }
 
 template <typename T>
+FLASHODE_CPU_CLONES void stage_range(const T* y, const T* k, int64_t n, const StageTerms& terms, T* out,
+                                     int64_t begin, int64_t end) {
+  for (int64_t i0 = begin; i0 < end; i0 += kTile) combine_tile(y, k, n, terms, out, i0, std::min(kTile, end - i0));
+}
+
+template <typename T>
 void stage_impl(const Tensor& y, const Tensor& k, const StageTerms& terms, Tensor& out) {
   const int64_t n = y.numel();
   const T* yp = y.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
-  for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i0 = begin; i0 < end; i0 += kTile)
-      combine_tile(yp, kp, n, terms, op, i0, std::min(kTile, end - i0));
-  });
+  for_each_chunk(n, [&](int64_t begin, int64_t end) { stage_range(yp, kp, n, terms, op, begin, end); });
 }
 
 Tensor rk_stage_cpu(Tensor y, Tensor k, std::vector<double> a, double h) {
@@ -86,7 +99,7 @@ Tensor rk_stage_cpu(Tensor y, Tensor k, std::vector<double> a, double h) {
 // Finalisation over [begin, end) which lies inside one norm segment: writes y1 (and err), returns
 // the sum of squared scaled errors in double.
 template <typename T>
-double finalize_range(const T* __restrict y, const T* __restrict k, int64_t n,
+FLASHODE_CPU_CLONES double finalize_range(const T* __restrict y, const T* __restrict k, int64_t n,
                       const StageTerms& sol, const StageTerms& errw, const T* __restrict rtol,
                       const T* __restrict atol, bool tol_per_element, T* __restrict y1,
                       T* __restrict err_out, int64_t begin, int64_t end) {
@@ -212,6 +225,15 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cpu(Tensor y, Tensor k, std::vect
 }
 
 template <typename T>
+FLASHODE_CPU_CLONES void dense_range(const T* y, const T* k, int64_t n, const StageTerms* terms,
+                                     int64_t outputs, T* out, int64_t begin, int64_t end) {
+  for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+    const int64_t len = std::min(kTile, end - i0);
+    for (int64_t m = 0; m < outputs; ++m) combine_tile(y, k, n, terms[m], out + m * n, i0, len);
+  }
+}
+
+template <typename T>
 void dense_impl(const Tensor& y, const Tensor& k, const std::vector<double>& weights,
                 int64_t stages, int64_t outputs, Tensor& out) {
   const int64_t n = y.numel();
@@ -226,10 +248,7 @@ void dense_impl(const Tensor& y, const Tensor& k, const std::vector<double>& wei
     terms[m] = pack_terms(row, 1.0);
   }
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
-      const int64_t len = std::min(kTile, end - i0);
-      for (int64_t m = 0; m < outputs; ++m) combine_tile(yp, kp, n, terms[m], op + m * n, i0, len);
-    }
+    dense_range(yp, kp, n, terms.data(), outputs, op, begin, end);
   });
 }
 
