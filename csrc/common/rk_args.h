@@ -8,6 +8,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -21,6 +22,40 @@ using torch::stable::Tensor;
 inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
+
+// A new contiguous tensor on `like`'s device. The shim's empty_strided is a direct C call, several
+// times cheaper per op than torch::stable::empty_like/new_empty, which look the aten op up by name
+// and box its arguments on every call: at small states that is most of an op's cost.
+inline Tensor new_contiguous(const Tensor& like, const std::vector<int64_t>& sizes, int32_t dtype) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  int32_t device_type = 0, device_index = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
+                                                         strides.data(), dtype, device_type, device_index,
+                                                         &handle));
+  return Tensor(handle);
+}
+
+inline int32_t dtype_code(const Tensor& t) {
+  int32_t code = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &code));
+  return code;
+}
+
+inline std::vector<int64_t> shape_of(const Tensor& t) {
+  const auto sizes = t.sizes();
+  return std::vector<int64_t>(sizes.begin(), sizes.end());
+}
+
+// A contiguous tensor with t's shape, dtype and device.
+inline Tensor new_like(const Tensor& t) { return new_contiguous(t, shape_of(t), dtype_code(t)); }
 
 // Upper bounds that let the CUDA kernels receive coefficients by value (kernel parameters).
 constexpr int kMaxStages = 32;

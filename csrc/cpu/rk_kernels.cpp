@@ -87,7 +87,7 @@ Tensor rk_stage_cpu(Tensor y, Tensor k, std::vector<double> a, double h) {
   y = as_contiguous(y);
   k = as_contiguous(k);
   const StageTerms terms = pack_terms(a, h);
-  Tensor out = torch::stable::empty_like(y);
+  Tensor out = new_like(y);
   if (y.scalar_type() == ScalarType::Double) {
     stage_impl<double>(y, k, terms, out);
   } else {
@@ -209,10 +209,9 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cpu(Tensor y, Tensor k, std::vect
   rtol = as_contiguous(rtol);
   atol = as_contiguous(atol);
   const StageTerms sol = pack_terms(b, h), errw = pack_terms(b_error, h);
-  Tensor y1 = torch::stable::empty_like(y);
-  Tensor err = return_error ? torch::stable::empty_like(y)
-                            : torch::stable::new_empty(y, std::vector<int64_t>{0});
-  Tensor ratio = torch::stable::new_empty(y, std::vector<int64_t>{}, ScalarType::Double);
+  Tensor y1 = new_like(y);
+  Tensor err = return_error ? new_like(y) : new_contiguous(y, {0}, dtype_code(y));
+  Tensor ratio = new_contiguous(y, {}, aoti_torch_dtype_float64());
   double* rp = ratio.mutable_data_ptr<double>();
   if (y.scalar_type() == ScalarType::Double) {
     finalize_impl<double>(y, k, sol, errw, rtol, atol, seg, y1,
@@ -262,7 +261,7 @@ Tensor rk_dense_cpu(Tensor y, Tensor k, std::vector<double> poly, std::vector<do
   const int64_t outputs = static_cast<int64_t>(theta.size());
   std::vector<int64_t> shape{outputs};
   for (int64_t d : y.sizes()) shape.push_back(d);
-  Tensor out = torch::stable::new_empty(y, shape);
+  Tensor out = new_contiguous(y, shape, dtype_code(y));
   if (y.scalar_type() == ScalarType::Double) {
     dense_impl<double>(y, k, weights, stages, outputs, out);
   } else {

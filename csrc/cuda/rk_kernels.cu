@@ -188,7 +188,7 @@ Tensor rk_stage_cuda(Tensor y, Tensor k, std::vector<double> a, double h) {
   y = as_contiguous(y);
   k = as_contiguous(k);
   const StageTerms terms = pack_terms(a, h);
-  Tensor out = torch::stable::empty_like(y);
+  Tensor out = new_like(y);
   const int64_t n = y.numel();
   if (n == 0) return out;
   cudaStream_t stream = current_stream(y);
@@ -223,23 +223,23 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cuda(Tensor y, Tensor k, std::vec
   rtol = as_contiguous(rtol);
   atol = as_contiguous(atol);
   const StageTerms sol = pack_terms(b, h), errw = pack_terms(b_error, h);
-  Tensor y1 = torch::stable::empty_like(y);
-  Tensor err = return_error ? torch::stable::empty_like(y)
-                            : torch::stable::new_empty(y, std::vector<int64_t>{0});
-  Tensor ratio = torch::stable::new_empty(y, std::vector<int64_t>{}, ScalarType::Double);
+  Tensor y1 = new_like(y);
+  Tensor err = return_error ? new_like(y) : new_contiguous(y, {0}, dtype_code(y));
+  Tensor ratio = new_contiguous(y, {}, aoti_torch_dtype_float64());
   int64_t largest = 0, prev = 0;
   for (int s = 0; s < segs.seg.count; ++s) {
     largest = std::max(largest, segs.seg.end[s] - prev);
     prev = segs.seg.end[s];
   }
   const int blocks = blocks_for(largest);
-  // Scratch: partial sums, then one zeroed ticket counter (as doubles, for one allocation).
-  Tensor scratch = torch::stable::new_zeros(
-      y, std::vector<int64_t>{static_cast<int64_t>(blocks) * segs.seg.count + 1}, ScalarType::Double);
+  // Scratch: partial sums, then one ticket counter that must start at zero.
+  const int64_t slots = static_cast<int64_t>(blocks) * segs.seg.count + 1;
+  Tensor scratch = new_contiguous(y, {slots}, aoti_torch_dtype_float64());
   double* partials = scratch.mutable_data_ptr<double>();
-  unsigned int* ticket = reinterpret_cast<unsigned int*>(partials + static_cast<int64_t>(blocks) * segs.seg.count);
-  Tolerances tol{rtol.const_data_ptr(), atol.const_data_ptr(), rtol.numel() != 1, atol.numel() != 1};
+  unsigned int* ticket = reinterpret_cast<unsigned int*>(partials + slots - 1);
   cudaStream_t stream = current_stream(y);
+  FLASHODE_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(double), stream));
+  Tolerances tol{rtol.const_data_ptr(), atol.const_data_ptr(), rtol.numel() != 1, atol.numel() != 1};
   const dim3 grid(blocks, segs.seg.count);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
@@ -265,7 +265,7 @@ Tensor rk_dense_cuda(Tensor y, Tensor k, std::vector<double> poly, std::vector<d
   const int64_t outputs = static_cast<int64_t>(theta.size());
   std::vector<int64_t> shape{outputs};
   for (int64_t d : y.sizes()) shape.push_back(d);
-  Tensor out = torch::stable::new_empty(y, shape);
+  Tensor out = new_contiguous(y, shape, dtype_code(y));
   const int64_t n = y.numel();
   if (n == 0 || outputs == 0) return out;
   // The per-output coefficient sets go to the device in one stream-ordered copy.
@@ -275,7 +275,7 @@ Tensor rk_dense_cuda(Tensor y, Tensor k, std::vector<double> poly, std::vector<d
     terms[m] = pack_terms(row, 1.0);
   }
   const int64_t bytes = outputs * static_cast<int64_t>(sizeof(StageTerms));
-  Tensor dev_terms = torch::stable::new_empty(y, std::vector<int64_t>{bytes}, ScalarType::Byte);
+  Tensor dev_terms = new_contiguous(y, {bytes}, aoti_torch_dtype_uint8());
   cudaStream_t stream = current_stream(y);
   FLASHODE_CUDA_CHECK(cudaMemcpyAsync(dev_terms.mutable_data_ptr(), terms.data(), bytes,
                                       cudaMemcpyHostToDevice, stream));

@@ -53,7 +53,7 @@ class VectorField:
         self.state_shape = y0.shape
         self.nfe = 0
         self._float32_time = y0.dtype == torch.float32
-        self._last_key: tuple[float, Perturb] | None = None
+        self._last_key: tuple[float, Perturb] = (math.nan, Perturb.NONE)
         self._last_time = torch.zeros(())
 
     def time_tensor(self, tau: float, perturb: Perturb = Perturb.NONE) -> Tensor:
@@ -81,7 +81,11 @@ class VectorField:
 
     def __call__(self, tau: float, y: Tensor, perturb: Perturb = Perturb.NONE) -> Tensor:
         self.nfe += 1
-        t = self.time_tensor(tau, perturb)
+        if perturb is Perturb.NONE and tau != self._last_key[0]:  # the common case, inlined
+            t = torch.scalar_tensor(self.direction * tau, dtype=self.dtype, device=self.device)
+            self._last_key, self._last_time = (tau, perturb), t
+        else:
+            t = self.time_tensor(tau, perturb)
         if self.tuple_shapes is None:
             out = self.func(t, y)
             if not isinstance(out, Tensor) or out.shape != self.state_shape:

@@ -10,6 +10,7 @@ or a device has no kernel, the same functions run the pure-PyTorch reference (`_
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -181,9 +182,10 @@ class NoGradOps:
             stage = torch.ops.flashode.rk_stage.default._handle.redispatch_boxed
             finalize = torch.ops.flashode.rk_finalize.default._handle.redispatch_boxed
             dense = torch.ops.flashode.rk_dense.default._handle.redispatch_boxed
-            self.rk_stage = lambda *args: stage(keys, *args)
-            self.rk_finalize = lambda *args: finalize(keys, *args)
-            self.rk_dense = lambda *args: dense(keys, *args)
+            # partial objects call straight into C++: no Python frame per op.
+            self.rk_stage = functools.partial(stage, keys)
+            self.rk_finalize = functools.partial(finalize, keys)
+            self.rk_dense = functools.partial(dense, keys)
         else:
             self.rk_stage = _reference.rk_stage
             self.rk_finalize = _reference.rk_finalize

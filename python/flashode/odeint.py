@@ -84,7 +84,7 @@ def odeint(
     direction = -1.0 if reversed_time else 1.0
     field = VectorField(func, y0_flat, direction, tuple_shapes)
     time_dtype = options.pop("dtype", torch.float64)
-    time_dtype = torch.promote_types(time_dtype, y0_flat.abs().dtype)
+    time_dtype = torch.promote_types(time_dtype, y0_flat.dtype)
     # Internal time tau = direction * t, increasing, as host floats in the time dtype.
     tau = [direction * x for x in t_host]
     if time_dtype == torch.float32:

@@ -35,21 +35,18 @@ class ErrorNorm:
         self.tuple_shapes = tuple_shapes
         self.saw_non_finite = False
 
-    def apply(self, x: Tensor) -> Tensor:
-        """The norm of a (flat-or-shaped) state-like tensor, as a 0-dim tensor."""
+    def apply(self, x: Tensor) -> float:
+        """The norm of a (flat-or-shaped) state-like tensor, read to the host."""
         if self.custom is not None:
             arg = x if self.tuple_shapes is None else _flat_to_shape(x.reshape(-1), self.tuple_shapes)
-            return torch.as_tensor(self.custom(arg))
+            return float(self.custom(arg))
         flat = x.reshape(-1)
-        if not self.segment_ends:
-            return torch.linalg.vector_norm(flat) / math.sqrt(max(flat.numel(), 1))
-        begin, result = 0, flat.new_zeros(())
-        for end in self.segment_ends:
-            if end > begin:
-                rms = torch.linalg.vector_norm(flat[begin:end]) / math.sqrt(end - begin)
-                result = torch.maximum(result, rms)
-            begin = end
-        return result
+        ends = self.segment_ends or [flat.numel()]
+        if len(ends) == 1:
+            return torch.linalg.vector_norm(flat).item() / math.sqrt(max(flat.numel(), 1))
+        norms = torch.stack([torch.linalg.vector_norm(flat[a:b]) for a, b in zip([0] + ends[:-1], ends)])
+        sizes = [max(b - a, 1) for a, b in zip([0] + ends[:-1], ends)]
+        return max(v / math.sqrt(n) for v, n in zip(norms.tolist(), sizes))
 
     def ratio(self, ratio_t: Tensor, err: Tensor, y0: Tensor, y1: Tensor) -> float:
         """The step's error ratio as a host float (the step's one device->host read)."""
@@ -57,7 +54,7 @@ class ErrorNorm:
             value = ratio_t.item()
         else:
             tol = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
-            value = float(self.apply(err / tol).abs())
+            value = abs(self.apply(err / tol))
         if not math.isfinite(value):
             self.saw_non_finite = True
         return value
@@ -138,12 +135,14 @@ def initial_step_size(
     """Hairer, Nørsett & Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq computes it."""
     with torch.no_grad():
         scale = torch.addcmul(norm.atol, y0.abs(), norm.rtol)
-        d0 = float(norm.apply(y0 / scale).abs())
-        d1 = float(norm.apply(f0 / scale).abs())
+        d0 = abs(norm.apply(y0 / scale))
+        if not math.isfinite(d0) and not bool(torch.isfinite(y0).all()):
+            raise ValueError(f"non-finite values in the initial state y0 at t={field.user_time(t0):.10g}")
+        d1 = abs(norm.apply(f0 / scale))
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h0 = abs(h0)
         f1 = field(t0 + h0, torch.add(y0, f0, alpha=sign * h0))
-        d2 = abs(float(norm.apply((f1 - f0) / scale)) / h0)
+        d2 = abs(norm.apply((f1 - f0) / scale) / h0)
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:

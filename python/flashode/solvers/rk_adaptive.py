@@ -83,13 +83,16 @@ class AdaptiveRKSolver:
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
         buffers = StageBuffers(y0, self.stages, record_graph)
-        _check_finite_initial(y0, field.user_time(t[0]))
 
         t0 = t[0]
-        f0 = field(t0, y0)
         if opts.first_step is None:
+            f0 = field(t0, y0)
+            # The starting-step heuristic reads norm(y0 / scale) to the host anyway: a non-finite
+            # value there is the y0 check, with no extra device read.
             dt = initial_step_size(field, t0, y0, f0, tab.order - 1, self.norm, self.sign)
         else:
+            _check_finite_initial(y0, field.user_time(t0))
+            f0 = field(t0, y0)
             dt = float(opts.first_step)
         step_t = _future_times(opts.step_t, t0)
         jump_t = _future_times(opts.jump_t, t0)
