@@ -158,17 +158,19 @@ inline void check_tolerance(const Tensor& tol, const Tensor& y, const char* name
                   "flashode.rk_finalize: ", name, " must be on the state's device");
 }
 
-// Dense output: the polynomial weights B_j(theta_m) * h, evaluated once on the host.
-inline std::vector<double> dense_weights(const std::vector<double>& poly,
-                                         const std::vector<double>& theta, int64_t stages,
-                                         double h) {
+// Dense output: one packed stage combination per output time, with weights h * B_j(theta_m)
+// evaluated once on the host.
+inline std::vector<StageTerms> dense_terms(const std::vector<double>& poly,
+                                           const std::vector<double>& theta, int64_t stages,
+                                           double h) {
   STD_TORCH_CHECK(stages > 0 && poly.size() % stages == 0,
                   "flashode.rk_dense: poly must hold S * D coefficients for S = ", stages,
                   " stages, got ", poly.size());
   const size_t degree = poly.size() / stages;
   STD_TORCH_CHECK(degree <= static_cast<size_t>(kMaxDenseDegree), "flashode.rk_dense: degree ",
                   degree, " exceeds the supported ", kMaxDenseDegree);
-  std::vector<double> w(theta.size() * stages);
+  std::vector<StageTerms> terms(theta.size());
+  std::vector<double> row(stages);
   for (size_t m = 0; m < theta.size(); ++m) {
     STD_TORCH_CHECK(std::isfinite(theta[m]), "flashode.rk_dense: theta must be finite");
     for (int64_t j = 0; j < stages; ++j) {
@@ -177,10 +179,68 @@ inline std::vector<double> dense_weights(const std::vector<double>& poly,
         acc += poly[j * degree + p] * power;
         power *= theta[m];
       }
-      w[m * stages + j] = acc * h;
+      row[j] = acc;
     }
+    terms[m] = pack_terms(row, h);
   }
-  return w;
+  return terms;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Each op's arguments checked, made contiguous once, and its outputs allocated: the CPU and CUDA
+// entry points share these and differ only in how they launch the pass.
+
+struct StageCall {
+  Tensor y, k, out;
+  StageTerms terms;
+};
+
+inline StageCall prepare_stage(const Tensor& y, const Tensor& k, const std::vector<double>& a, double h) {
+  check_state(y, "rk_stage");
+  check_stages(y, k, static_cast<int64_t>(a.size()), "rk_stage");
+  StageCall call{as_contiguous(y), as_contiguous(k), Tensor(), pack_terms(a, h)};
+  call.out = new_like(call.y);
+  return call;
+}
+
+struct FinalizeCall {
+  Tensor y, k, rtol, atol, y1, err, ratio;
+  StageTerms sol, errw;
+  Segments seg;
+  bool return_error;
+};
+
+inline FinalizeCall prepare_finalize(const Tensor& y, const Tensor& k, const std::vector<double>& b,
+                                     const std::vector<double>& b_error, double h, const Tensor& rtol,
+                                     const Tensor& atol, const std::vector<int64_t>& segment_ends,
+                                     bool return_error) {
+  check_state(y, "rk_finalize");
+  check_stages(y, k, static_cast<int64_t>(std::max(b.size(), b_error.size())), "rk_finalize");
+  check_tolerance(rtol, y, "rtol");
+  check_tolerance(atol, y, "atol");
+  FinalizeCall call{as_contiguous(y), as_contiguous(k), as_contiguous(rtol), as_contiguous(atol),
+                    Tensor(), Tensor(), Tensor(), pack_terms(b, h), pack_terms(b_error, h),
+                    check_segments(segment_ends, y.numel()), return_error};
+  call.y1 = new_like(call.y);
+  call.err = return_error ? new_like(call.y) : new_contiguous(call.y, {0}, dtype_code(call.y));
+  call.ratio = new_contiguous(call.y, {}, aoti_torch_dtype_float64());
+  return call;
+}
+
+struct DenseCall {
+  Tensor y, k, out;
+  std::vector<StageTerms> terms;  // one per output time
+};
+
+inline DenseCall prepare_dense(const Tensor& y, const Tensor& k, const std::vector<double>& poly,
+                               const std::vector<double>& theta, double h) {
+  check_state(y, "rk_dense");
+  const int64_t stages = check_stages(y, k, 1, "rk_dense");
+  DenseCall call{as_contiguous(y), as_contiguous(k), Tensor(), dense_terms(poly, theta, stages, h)};
+  std::vector<int64_t> shape{static_cast<int64_t>(theta.size())};
+  for (int64_t d : call.y.sizes()) shape.push_back(d);
+  call.out = new_contiguous(call.y, shape, dtype_code(call.y));
+  return call;
 }
 
 }  // namespace flashode

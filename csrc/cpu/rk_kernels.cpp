@@ -72,28 +72,18 @@ FLASHODE_CPU_CLONES void stage_range(const T* y, const T* k, int64_t n, const St
   for (int64_t i0 = begin; i0 < end; i0 += kTile) combine_tile(y, k, n, terms, out, i0, std::min(kTile, end - i0));
 }
 
-template <typename T>
-void stage_impl(const Tensor& y, const Tensor& k, const StageTerms& terms, Tensor& out) {
-  const int64_t n = y.numel();
-  const T* yp = y.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  for_each_chunk(n, [&](int64_t begin, int64_t end) { stage_range(yp, kp, n, terms, op, begin, end); });
-}
-
 Tensor rk_stage_cpu(Tensor y, Tensor k, std::vector<double> a, double h) {
-  check_state(y, "rk_stage");
-  check_stages(y, k, static_cast<int64_t>(a.size()), "rk_stage");
-  y = as_contiguous(y);
-  k = as_contiguous(k);
-  const StageTerms terms = pack_terms(a, h);
-  Tensor out = new_like(y);
-  if (y.scalar_type() == ScalarType::Double) {
-    stage_impl<double>(y, k, terms, out);
-  } else {
-    stage_impl<float>(y, k, terms, out);
-  }
-  return out;
+  StageCall call = prepare_stage(y, k, a, h);
+  const int64_t n = call.y.numel();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* yp = call.y.const_data_ptr<T>();
+    const T* kp = call.k.const_data_ptr<T>();
+    T* op = call.out.mutable_data_ptr<T>();
+    for_each_chunk(n, [&](int64_t begin, int64_t end) { stage_range(yp, kp, n, call.terms, op, begin, end); });
+  };
+  if (call.y.scalar_type() == ScalarType::Double) run(double{}); else run(float{});
+  return call.out;
 }
 
 // Finalisation over [begin, end) which lies inside one norm segment: writes y1 (and err), returns
@@ -142,26 +132,27 @@ FLASHODE_CPU_CLONES double finalize_range(const T* __restrict y, const T* __rest
 }
 
 template <typename T>
-void finalize_impl(const Tensor& y, const Tensor& k, const StageTerms& sol, const StageTerms& errw,
-                   const Tensor& rtol, const Tensor& atol, const Segments& seg, Tensor& y1,
-                   T* err_out, double* ratio) {
+void finalize_impl(FinalizeCall& call) {
+  const Tensor& y = call.y;
+  const Segments& seg = call.seg;
   const int64_t n = y.numel();
   const T* yp = y.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* rp = rtol.const_data_ptr<T>();
-  const T* ap = atol.const_data_ptr<T>();
-  const bool per_element = rtol.numel() != 1 || atol.numel() != 1;
+  const T* kp = call.k.const_data_ptr<T>();
+  const T* rp = call.rtol.const_data_ptr<T>();
+  const T* ap = call.atol.const_data_ptr<T>();
+  T* err_out = call.return_error ? call.err.mutable_data_ptr<T>() : nullptr;
+  const bool per_element = call.rtol.numel() != 1 || call.atol.numel() != 1;
   // Per-element tolerances are expanded so both pointers can be indexed alike.
   std::vector<T> rbuf, abuf;
-  if (per_element && rtol.numel() == 1) {
+  if (per_element && call.rtol.numel() == 1) {
     rbuf.assign(n, rp[0]);
     rp = rbuf.data();
   }
-  if (per_element && atol.numel() == 1) {
+  if (per_element && call.atol.numel() == 1) {
     abuf.assign(n, ap[0]);
     ap = abuf.data();
   }
-  T* y1p = y1.mutable_data_ptr<T>();
+  T* y1p = call.y1.mutable_data_ptr<T>();
   const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
   std::vector<double> partial(chunks * seg.count, 0.0);
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
@@ -171,7 +162,7 @@ void finalize_impl(const Tensor& y, const Tensor& k, const StageTerms& sol, cons
       const int64_t lo = std::max(begin, seg_begin), hi = std::min(end, seg.end[s]);
       if (lo < hi)
         partial[chunk * seg.count + s] =
-            finalize_range(yp, kp, n, sol, errw, rp, ap, per_element, y1p, err_out, lo, hi);
+            finalize_range(yp, kp, n, call.sol, call.errw, rp, ap, per_element, y1p, err_out, lo, hi);
       seg_begin = seg.end[s];
     }
   });
@@ -191,7 +182,7 @@ void finalize_impl(const Tensor& y, const Tensor& k, const StageTerms& sol, cons
     }
     result = std::max(result, rms);
   }
-  *ratio = result;
+  *call.ratio.mutable_data_ptr<double>() = result;
 }
 
 std::tuple<Tensor, Tensor, Tensor> rk_finalize_cpu(Tensor y, Tensor k, std::vector<double> b,
@@ -199,28 +190,9 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cpu(Tensor y, Tensor k, std::vect
                                                    Tensor rtol, Tensor atol,
                                                    std::vector<int64_t> segment_ends,
                                                    bool return_error) {
-  check_state(y, "rk_finalize");
-  check_stages(y, k, static_cast<int64_t>(std::max(b.size(), b_error.size())), "rk_finalize");
-  check_tolerance(rtol, y, "rtol");
-  check_tolerance(atol, y, "atol");
-  const Segments seg = check_segments(segment_ends, y.numel());
-  y = as_contiguous(y);
-  k = as_contiguous(k);
-  rtol = as_contiguous(rtol);
-  atol = as_contiguous(atol);
-  const StageTerms sol = pack_terms(b, h), errw = pack_terms(b_error, h);
-  Tensor y1 = new_like(y);
-  Tensor err = return_error ? new_like(y) : new_contiguous(y, {0}, dtype_code(y));
-  Tensor ratio = new_contiguous(y, {}, aoti_torch_dtype_float64());
-  double* rp = ratio.mutable_data_ptr<double>();
-  if (y.scalar_type() == ScalarType::Double) {
-    finalize_impl<double>(y, k, sol, errw, rtol, atol, seg, y1,
-                          return_error ? err.mutable_data_ptr<double>() : nullptr, rp);
-  } else {
-    finalize_impl<float>(y, k, sol, errw, rtol, atol, seg, y1,
-                         return_error ? err.mutable_data_ptr<float>() : nullptr, rp);
-  }
-  return {y1, err, ratio};
+  FinalizeCall call = prepare_finalize(y, k, b, b_error, h, rtol, atol, segment_ends, return_error);
+  if (call.y.scalar_type() == ScalarType::Double) finalize_impl<double>(call); else finalize_impl<float>(call);
+  return {call.y1, call.err, call.ratio};
 }
 
 template <typename T>
@@ -232,42 +204,23 @@ FLASHODE_CPU_CLONES void dense_range(const T* y, const T* k, int64_t n, const St
   }
 }
 
-template <typename T>
-void dense_impl(const Tensor& y, const Tensor& k, const std::vector<double>& weights,
-                int64_t stages, int64_t outputs, Tensor& out) {
-  const int64_t n = y.numel();
-  const T* yp = y.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  // One StageTerms per output time; the tile loop is outermost so each k tile is read from memory
-  // once and reused from cache for every output time.
-  std::vector<StageTerms> terms(outputs);
-  for (int64_t m = 0; m < outputs; ++m) {
-    std::vector<double> row(weights.begin() + m * stages, weights.begin() + (m + 1) * stages);
-    terms[m] = pack_terms(row, 1.0);
-  }
-  for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    dense_range(yp, kp, n, terms.data(), outputs, op, begin, end);
-  });
-}
-
 Tensor rk_dense_cpu(Tensor y, Tensor k, std::vector<double> poly, std::vector<double> theta,
                     double h) {
-  check_state(y, "rk_dense");
-  const int64_t stages = check_stages(y, k, 1, "rk_dense");
-  y = as_contiguous(y);
-  k = as_contiguous(k);
-  const std::vector<double> weights = dense_weights(poly, theta, stages, h);
-  const int64_t outputs = static_cast<int64_t>(theta.size());
-  std::vector<int64_t> shape{outputs};
-  for (int64_t d : y.sizes()) shape.push_back(d);
-  Tensor out = new_contiguous(y, shape, dtype_code(y));
-  if (y.scalar_type() == ScalarType::Double) {
-    dense_impl<double>(y, k, weights, stages, outputs, out);
-  } else {
-    dense_impl<float>(y, k, weights, stages, outputs, out);
-  }
-  return out;
+  DenseCall call = prepare_dense(y, k, poly, theta, h);
+  const int64_t n = call.y.numel(), outputs = static_cast<int64_t>(call.terms.size());
+  // The tile loop is outermost (inside dense_range) so each k tile is read from memory once and
+  // reused from cache for every output time.
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* yp = call.y.const_data_ptr<T>();
+    const T* kp = call.k.const_data_ptr<T>();
+    T* op = call.out.mutable_data_ptr<T>();
+    for_each_chunk(n, [&](int64_t begin, int64_t end) {
+      dense_range(yp, kp, n, call.terms.data(), outputs, op, begin, end);
+    });
+  };
+  if (call.y.scalar_type() == ScalarType::Double) run(double{}); else run(float{});
+  return call.out;
 }
 
 }  // namespace

@@ -103,7 +103,7 @@ struct SegmentArgs {
 
 // grid = (blocks, segments). Each block covers part of one segment, writes y1/err, and adds its
 // partial sum of squared scaled errors to partials[segment * gridDim.x + block]. The last block to
-// finish (ticket counter) folds the partials into the ratio and resets the counter for reuse.
+// finish (a ticket counter zeroed before the launch) folds the partials into the ratio.
 template <typename T>
 __global__ void finalize_kernel(const T* __restrict__ y, const T* __restrict__ k, int64_t n,
                                 StageTerms sol, StageTerms errw, Tolerances tol, SegmentArgs segs,
@@ -159,7 +159,6 @@ __global__ void finalize_kernel(const T* __restrict__ y, const T* __restrict__ k
       result = fmax(result, rms);
     }
     *ratio = nan ? __longlong_as_double(0x7ff8000000000000LL) : result;
-    *ticket = 0;
   }
 }
 
@@ -182,27 +181,22 @@ void check_cuda_inputs(const Tensor& y, const char* op) {
 
 Tensor rk_stage_cuda(Tensor y, Tensor k, std::vector<double> a, double h) {
   check_cuda_inputs(y, "rk_stage");
-  check_state(y, "rk_stage");
-  check_stages(y, k, static_cast<int64_t>(a.size()), "rk_stage");
   torch::stable::accelerator::DeviceGuard guard(y.get_device_index());
-  y = as_contiguous(y);
-  k = as_contiguous(k);
-  const StageTerms terms = pack_terms(a, h);
-  Tensor out = new_like(y);
-  const int64_t n = y.numel();
-  if (n == 0) return out;
-  cudaStream_t stream = current_stream(y);
+  StageCall call = prepare_stage(y, k, a, h);
+  const int64_t n = call.y.numel();
+  if (n == 0) return call.out;
+  cudaStream_t stream = current_stream(call.y);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    const T* yp = y.const_data_ptr<T>();
-    const T* kp = k.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
+    const T* yp = call.y.const_data_ptr<T>();
+    const T* kp = call.k.const_data_ptr<T>();
+    T* op = call.out.mutable_data_ptr<T>();
     const bool vec = n % Vec<T>::width == 0 && aligned16(yp) && aligned16(kp) && aligned16(op);
-    stage_kernel<T><<<blocks_for(vec ? n / Vec<T>::width : n), kThreads, 0, stream>>>(yp, kp, n, terms, op, vec);
+    stage_kernel<T><<<blocks_for(vec ? n / Vec<T>::width : n), kThreads, 0, stream>>>(yp, kp, n, call.terms, op, vec);
   };
-  if (y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
+  if (call.y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
   FLASHODE_CUDA_CHECK(cudaGetLastError());
-  return out;
+  return call.out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> rk_finalize_cuda(Tensor y, Tensor k, std::vector<double> b,
@@ -211,21 +205,10 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cuda(Tensor y, Tensor k, std::vec
                                                     std::vector<int64_t> segment_ends,
                                                     bool return_error) {
   check_cuda_inputs(y, "rk_finalize");
-  check_state(y, "rk_finalize");
-  check_stages(y, k, static_cast<int64_t>(std::max(b.size(), b_error.size())), "rk_finalize");
-  check_tolerance(rtol, y, "rtol");
-  check_tolerance(atol, y, "atol");
-  const int64_t n = y.numel();
-  SegmentArgs segs{check_segments(segment_ends, n)};
   torch::stable::accelerator::DeviceGuard guard(y.get_device_index());
-  y = as_contiguous(y);
-  k = as_contiguous(k);
-  rtol = as_contiguous(rtol);
-  atol = as_contiguous(atol);
-  const StageTerms sol = pack_terms(b, h), errw = pack_terms(b_error, h);
-  Tensor y1 = new_like(y);
-  Tensor err = return_error ? new_like(y) : new_contiguous(y, {0}, dtype_code(y));
-  Tensor ratio = new_contiguous(y, {}, aoti_torch_dtype_float64());
+  FinalizeCall call = prepare_finalize(y, k, b, b_error, h, rtol, atol, segment_ends, return_error);
+  const int64_t n = call.y.numel();
+  SegmentArgs segs{call.seg};
   int64_t largest = 0, prev = 0;
   for (int s = 0; s < segs.seg.count; ++s) {
     largest = std::max(largest, segs.seg.end[s] - prev);
@@ -234,60 +217,49 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cuda(Tensor y, Tensor k, std::vec
   const int blocks = blocks_for(largest);
   // Scratch: partial sums, then one ticket counter that must start at zero.
   const int64_t slots = static_cast<int64_t>(blocks) * segs.seg.count + 1;
-  Tensor scratch = new_contiguous(y, {slots}, aoti_torch_dtype_float64());
+  Tensor scratch = new_contiguous(call.y, {slots}, aoti_torch_dtype_float64());
   double* partials = scratch.mutable_data_ptr<double>();
   unsigned int* ticket = reinterpret_cast<unsigned int*>(partials + slots - 1);
-  cudaStream_t stream = current_stream(y);
+  cudaStream_t stream = current_stream(call.y);
   FLASHODE_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(double), stream));
-  Tolerances tol{rtol.const_data_ptr(), atol.const_data_ptr(), rtol.numel() != 1, atol.numel() != 1};
+  Tolerances tol{call.rtol.const_data_ptr(), call.atol.const_data_ptr(), call.rtol.numel() != 1,
+                 call.atol.numel() != 1};
   const dim3 grid(blocks, segs.seg.count);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     finalize_kernel<T><<<grid, kThreads, 0, stream>>>(
-        y.const_data_ptr<T>(), k.const_data_ptr<T>(), n, sol, errw, tol, segs,
-        y1.mutable_data_ptr<T>(), return_error ? err.mutable_data_ptr<T>() : nullptr, partials,
-        ticket, ratio.mutable_data_ptr<double>());
+        call.y.const_data_ptr<T>(), call.k.const_data_ptr<T>(), n, call.sol, call.errw, tol, segs,
+        call.y1.mutable_data_ptr<T>(), return_error ? call.err.mutable_data_ptr<T>() : nullptr,
+        partials, ticket, call.ratio.mutable_data_ptr<double>());
   };
-  if (y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
+  if (call.y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
   FLASHODE_CUDA_CHECK(cudaGetLastError());
-  return {y1, err, ratio};
+  return {call.y1, call.err, call.ratio};
 }
 
 Tensor rk_dense_cuda(Tensor y, Tensor k, std::vector<double> poly, std::vector<double> theta,
                      double h) {
   check_cuda_inputs(y, "rk_dense");
-  check_state(y, "rk_dense");
-  const int64_t stages = check_stages(y, k, 1, "rk_dense");
   torch::stable::accelerator::DeviceGuard guard(y.get_device_index());
-  y = as_contiguous(y);
-  k = as_contiguous(k);
-  const std::vector<double> weights = dense_weights(poly, theta, stages, h);
-  const int64_t outputs = static_cast<int64_t>(theta.size());
-  std::vector<int64_t> shape{outputs};
-  for (int64_t d : y.sizes()) shape.push_back(d);
-  Tensor out = new_contiguous(y, shape, dtype_code(y));
-  const int64_t n = y.numel();
-  if (n == 0 || outputs == 0) return out;
+  DenseCall call = prepare_dense(y, k, poly, theta, h);
+  const int64_t n = call.y.numel(), outputs = static_cast<int64_t>(call.terms.size());
+  if (n == 0 || outputs == 0) return call.out;
   // The per-output coefficient sets go to the device in one stream-ordered copy.
-  std::vector<StageTerms> terms(outputs);
-  for (int64_t m = 0; m < outputs; ++m) {
-    std::vector<double> row(weights.begin() + m * stages, weights.begin() + (m + 1) * stages);
-    terms[m] = pack_terms(row, 1.0);
-  }
   const int64_t bytes = outputs * static_cast<int64_t>(sizeof(StageTerms));
-  Tensor dev_terms = new_contiguous(y, {bytes}, aoti_torch_dtype_uint8());
-  cudaStream_t stream = current_stream(y);
-  FLASHODE_CUDA_CHECK(cudaMemcpyAsync(dev_terms.mutable_data_ptr(), terms.data(), bytes,
+  Tensor dev_terms = new_contiguous(call.y, {bytes}, aoti_torch_dtype_uint8());
+  cudaStream_t stream = current_stream(call.y);
+  FLASHODE_CUDA_CHECK(cudaMemcpyAsync(dev_terms.mutable_data_ptr(), call.terms.data(), bytes,
                                       cudaMemcpyHostToDevice, stream));
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     dense_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        y.const_data_ptr<T>(), k.const_data_ptr<T>(), n,
-        static_cast<const StageTerms*>(dev_terms.const_data_ptr()), outputs, out.mutable_data_ptr<T>());
+        call.y.const_data_ptr<T>(), call.k.const_data_ptr<T>(), n,
+        static_cast<const StageTerms*>(dev_terms.const_data_ptr()), outputs,
+        call.out.mutable_data_ptr<T>());
   };
-  if (y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
+  if (call.y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
   FLASHODE_CUDA_CHECK(cudaGetLastError());
-  return out;
+  return call.out;
 }
 
 }  // namespace
