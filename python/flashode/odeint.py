@@ -77,6 +77,13 @@ def odeint(
         assert not rtol.requires_grad, "rtol cannot require gradient"
     if torch.is_tensor(atol):
         assert not atol.requires_grad, "atol cannot require gradient"
+    if t.requires_grad and torch.is_grad_enabled():
+        # The solver keeps times on the host (one device read per solve instead of per step), so
+        # gradients cannot flow to t: refuse rather than return a silently missing gradient.
+        raise NotImplementedError(
+            "flashode.odeint does not differentiate with respect to t (t.requires_grad is True); "
+            "pass t.detach() if the time gradient is not needed"
+        )
     if t.device != y0_flat.device:
         warnings.warn("t is not on the same device as y0. Coercing to y0.device.")
         t = t.to(y0_flat.device)
