@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +21,22 @@ from torch import Tensor
 
 from . import _reference
 
-_LIB_DIR = Path(__file__).resolve().parent / "_lib"
+
+
+def _library_dirs() -> list[Path]:
+    """Where the compiled libraries may be: next to this file (regular install), or in a
+    `flashode/_lib` on sys.path (an editable install keeps the sources here and installs the
+    libraries into site-packages)."""
+    dirs = [Path(__file__).resolve().parent / "_lib"]
+    dirs += [Path(entry) / "flashode" / "_lib" for entry in sys.path if entry]
+    return dirs
+
+
+def _find_library(filename: str) -> Path:
+    for directory in _library_dirs():
+        if (directory / filename).exists():
+            return directory / filename
+    return _library_dirs()[0] / filename
 OP_NAMES = ("rk_stage", "rk_finalize", "rk_dense")
 
 # device type -> None if the kernels for it are loaded, else why not
@@ -29,7 +45,7 @@ kernel_devices: set[str] = set()
 
 
 def _load_library(device: str, filename: str) -> None:
-    path = _LIB_DIR / filename
+    path = _find_library(filename)
     if not path.exists():
         load_errors[device] = f"{path} is missing (flashode was not built with kernels for {device})"
         return
