@@ -116,7 +116,7 @@ def test_t_on_another_device_warns_and_is_moved():
 
 
 def test_func_returning_wrong_shape_is_named():
-    with pytest.raises(ValueError, match=r"func returned shape \(3,\) but the state y0 has shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"func returned shape \(3,\) for the state, but y0 has shape \(2,\)"):
         flashode.odeint(lambda t, y: torch.ones(3, dtype=y.dtype), Y0, T)
 
 
@@ -131,3 +131,59 @@ def test_t_requiring_grad_is_refused_not_silently_dropped():
         flashode.odeint(f, Y0, t)
     with torch.no_grad():  # no graph is recorded, so nothing is lost
         flashode.odeint(f, Y0, t)
+
+
+def test_tuple_func_returning_wrong_part_shape_is_named():
+    y0 = (torch.ones(3), torch.ones(2))
+    with pytest.raises(ValueError, match=r"shape \(\) for part 0 of the state, but part 0 of y0 has shape \(3,\)"):
+        flashode.odeint(lambda t, y: (torch.tensor(-1.0), -y[1]), y0, T.float())
+
+
+def test_complex_y0_is_a_clear_type_error():
+    with pytest.raises(TypeError, match="view_as_real"):
+        flashode.odeint(f, torch.ones(2, dtype=torch.complex128), T)
+
+
+@pytest.mark.parametrize("step_size", [0.0, math.inf, math.nan])
+def test_bad_step_size_is_a_value_error(step_size):
+    with pytest.raises(ValueError, match="step_size must be a finite, non-zero number"):
+        flashode.odeint(f, Y0, T, method="euler", options=dict(step_size=step_size))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(max_step=0.0), "max_step must be positive"),
+    (dict(first_step=0.0), "first_step must be a finite positive number"),
+])
+def test_zero_step_options_are_value_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        flashode.odeint(f, Y0, T, options=options)
+
+
+def test_zero_tolerances_are_a_value_error():
+    with pytest.raises(ValueError, match="rtol and atol cannot both be zero"):
+        flashode.odeint(f, Y0, T, rtol=0.0, atol=0.0)
+
+
+def test_repeated_step_t_is_a_value_error_like_torchdiffeq():
+    with pytest.raises(ValueError, match="must not have any repeated elements"):
+        flashode.odeint(f, Y0, T, options=dict(jump_t=torch.tensor([0.5, 0.5])))
+
+
+def test_min_step_never_accepts_a_non_finite_state():
+    def nan_after_half(t, y):
+        return torch.where(t > 0.5, torch.full_like(y, math.nan), -y)
+
+    with pytest.raises(flashode.SolverError, match=r"non-finite values in the state at t=0\.5"):
+        flashode.odeint(nan_after_half, Y0, T, options=dict(min_step=0.01))
+
+
+def test_func_non_finite_at_t0_is_named():
+    with pytest.raises(flashode.SolverError, match="non-finite values at the initial time t=0"):
+        flashode.odeint(lambda t, y: y * math.nan, Y0, T)
+
+
+def test_single_time_output_is_not_a_view_of_y0():
+    y0 = Y0.clone()
+    out = flashode.odeint(f, y0, T[:1])
+    out += 1
+    assert torch.equal(y0, Y0)

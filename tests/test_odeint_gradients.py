@@ -103,3 +103,17 @@ def test_no_grad_solve_records_no_graph():
     assert not out.requires_grad
     with_grad = flashode.odeint(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert torch.allclose(out, with_grad.detach(), rtol=0, atol=1e-15)
+
+
+def test_forward_mode_ad_tangents_are_not_dropped():
+    import torch.autograd.forward_ad as fwAD
+
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    tangent = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with torch.no_grad(), fwAD.dual_level():
+        out = flashode.odeint(lambda t, y: -y * y, fwAD.make_dual(y0, tangent), t, method="rk4",
+                              options=dict(step_size=0.01))
+        jvp = fwAD.unpack_dual(out).tangent[-1]
+    # y' = -y^2: y(t) = y0 / (1 + y0 t), dy(1)/dy0 = 1 / (1 + y0)^2 = 0.25 for the first component.
+    assert torch.allclose(jvp, torch.tensor([0.25, 0.0], dtype=torch.float64), atol=1e-8)

@@ -107,7 +107,7 @@ def test_tuple_state_same_as_torchdiffeq():
         x, v = ys
         return v, -x
 
-    y0 = (torch.tensor([1.0], dtype=torch.float64), torch.tensor([[0.0, 0.5]], dtype=torch.float64))
+    y0 = (torch.tensor([1.0, 0.2], dtype=torch.float64), torch.tensor([[0.0], [0.5]], dtype=torch.float64))
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
     ours = flashode.odeint(f, y0, t, rtol=(1e-6, 1e-7), atol=1e-8)
     theirs = torchdiffeq.odeint(f, y0, t, rtol=(1e-6, 1e-7), atol=1e-8)

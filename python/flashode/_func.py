@@ -97,12 +97,18 @@ class VectorField:
                 f"func must return a tuple of {len(self.tuple_shapes)} tensors matching the tuple y0, "
                 f"got {type(out).__name__} at t={self.user_time(tau):.6g}"
             )
+        for part, (o, shape) in enumerate(zip(out, self.tuple_shapes)):
+            # Parts are flattened, as torchdiffeq does, so only their sizes must agree.
+            if not isinstance(o, Tensor) or o.numel() != shape.numel():
+                raise _shape_error(o, shape, self.user_time(tau), f"part {part} of ")
         return torch.cat([o.reshape(-1) for o in out])
 
 
-def _shape_error(out: object, shape: torch.Size, t: float) -> Exception:
+def _shape_error(out: object, shape: torch.Size, t: float, part: str = "") -> Exception:
     if not isinstance(out, Tensor):
-        return TypeError(f"func must return a Tensor shaped like y0 {tuple(shape)}, got {type(out).__name__} at t={t:.6g}")
+        return TypeError(
+            f"func must return a Tensor shaped like {part}y0 {tuple(shape)}, got {type(out).__name__} at t={t:.6g}"
+        )
     return ValueError(
-        f"func returned shape {tuple(out.shape)} but the state y0 has shape {tuple(shape)} (at t={t:.6g})"
+        f"func returned shape {tuple(out.shape)} for {part}the state, but {part}y0 has shape {tuple(shape)} (at t={t:.6g})"
     )

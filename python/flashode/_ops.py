@@ -216,7 +216,24 @@ class AutogradOps:
     rk_dense = staticmethod(rk_dense)
 
 
-def ops_for(device: torch.device, record_graph: bool) -> NoGradOps | AutogradOps:
+class ReferenceOps:
+    """The pure-PyTorch ops: differentiable in every autograd mode, forward mode included."""
+
+    rk_stage = staticmethod(_reference.rk_stage)
+    rk_finalize = staticmethod(_reference.rk_finalize)
+    rk_dense = staticmethod(_reference.rk_dense)
+
+
+def _forward_ad_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def ops_for(device: torch.device, record_graph: bool) -> NoGradOps | AutogradOps | ReferenceOps:
+    """The op set a solve should use. The kernels carry reverse-mode formulas only, so inside a
+    forward-mode AD level (dual tensors, jvp) the solve runs on the reference ops instead of
+    silently dropping tangents."""
+    if _forward_ad_active():
+        return ReferenceOps()
     return AutogradOps() if record_graph else NoGradOps(device)
 
 

@@ -97,7 +97,7 @@ def odeint(
     if time_dtype == torch.float32:
         tau = [float(np.float32(x)) for x in tau]
     if len(tau) == 1:
-        out = y0_flat.unsqueeze(0)
+        out = y0_flat.unsqueeze(0).clone()  # a fresh tensor, never a view of the caller's y0
     else:
         solver = make_solver(
             method, field, y0_flat, rtol=rtol, atol=atol, options=options, func=func,
@@ -123,6 +123,11 @@ def _check_state_dtypes(ys: tuple[Tensor, ...]) -> None:
     for y in ys:
         if not isinstance(y, Tensor):
             raise TypeError(f"y0 must be a Tensor or a tuple of Tensors, got {type(y).__name__}")
+        if y.is_complex():
+            raise TypeError(
+                f"y0 has complex dtype {y.dtype}: flashode integrates real float32/float64 states; "
+                "solve for torch.view_as_real(y0) with a func that views its input back as complex"
+            )
         if not torch.is_floating_point(y):
             raise TypeError(
                 f"y0 must be a floating point Tensor (float32 or float64) but is {y.dtype}; "

@@ -63,12 +63,14 @@ def make_solver(
     direction: float,
     time_dtype: torch.dtype,
 ) -> AdaptiveRKSolver | FixedGridRKSolver:
-    callbacks = Callbacks(func, tuple_shapes)
+    callbacks = Callbacks(func, tuple_shapes, time_dtype)
     if method in FIXED:
         unknown = set(options) - _FIXED_OPTIONS - {"norm"}  # torchdiffeq drops `norm` silently
         if unknown:
             warnings.warn("{}: Unexpected arguments {}".format("FixedGridRKSolver", {k: options[k] for k in unknown}))
         step_size = options.get("step_size")
+        if step_size is not None and not (math.isfinite(_as_float(step_size)) and _as_float(step_size) != 0):
+            raise ValueError(f"step_size must be a finite, non-zero number, got {_as_float(step_size)}")
         grid_constructor = options.get("grid_constructor")
         user_grid = None
         if grid_constructor is not None:
@@ -100,6 +102,10 @@ def make_solver(
     )
     if norm.rtol.numel() not in (1, n) or norm.atol.numel() not in (1, n):
         raise ValueError(f"rtol/atol must be scalars or have one value per state element ({n})")
+    if bool((norm.rtol < 0).any()) or bool((norm.atol < 0).any()):
+        raise ValueError("rtol and atol must be non-negative")
+    if n > 0 and bool(((norm.rtol == 0) & (norm.atol == 0)).any()):
+        raise ValueError("rtol and atol cannot both be zero (for any state element): no step could ever be accepted")
     first_step = options.get("first_step")
     opts = AdaptiveOptions(
         first_step=None if first_step is None else abs(_as_float(first_step)),
@@ -113,6 +119,10 @@ def make_solver(
         max_num_steps=int(_as_float(options.get("max_num_steps", 2**31 - 1))),
         time_float32=time_dtype == torch.float32,
     )
+    if not opts.max_step > 0:
+        raise ValueError(f"max_step must be positive, got {opts.max_step}")
+    if opts.first_step is not None and not (math.isfinite(opts.first_step) and opts.first_step > 0):
+        raise ValueError(f"first_step must be a finite positive number, got {opts.first_step}")
     return AdaptiveRKSolver(field, y0, ADAPTIVE[method], norm, opts, callbacks)
 
 

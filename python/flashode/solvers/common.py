@@ -6,10 +6,12 @@ import math
 from collections.abc import Sequence
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._func import VectorField, _flat_to_shape
+from ..errors import SolverError
 
 
 class ErrorNorm:
@@ -75,7 +77,7 @@ class StageBuffers:
         self.stages = stages
         if not record_graph:
             self.pool = [torch.empty(self.shape, dtype=y0.dtype, device=y0.device) for _ in range(2)]
-            self.pool_rows = [[buf[i] for i in range(stages)] for buf in self.pool]
+            self.pool_rows = [buf.unbind(0) for buf in self.pool]
             self.turn = 0
 
     def next(self, f0: Tensor) -> tuple[Tensor, Sequence[Tensor]]:
@@ -106,8 +108,9 @@ class _FreshRows:
 class Callbacks:
     """torchdiffeq's optional `callback_step/accept_step/reject_step` methods on func."""
 
-    def __init__(self, func: Any, tuple_shapes: list[torch.Size] | None) -> None:
+    def __init__(self, func: Any, tuple_shapes: list[torch.Size] | None, time_dtype: torch.dtype) -> None:
         self.tuple_shapes = tuple_shapes
+        self.time_dtype = time_dtype
         self._step = getattr(func, "callback_step", None)
         self._accept = getattr(func, "callback_accept_step", None)
         self._reject = getattr(func, "callback_reject_step", None)
@@ -115,9 +118,10 @@ class Callbacks:
     def _call(self, cb: Callable[..., Any] | None, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
         if cb is None:
             return
-        t = field.time_tensor(t0)
+        # torchdiffeq hands callbacks its time-dtype tensors (float64 by default), not y's dtype.
+        t = torch.scalar_tensor(field.user_time(t0), dtype=self.time_dtype, device=y0.device)
         y = y0 if self.tuple_shapes is None else _flat_to_shape(y0, self.tuple_shapes)
-        cb(t, y, torch.scalar_tensor(dt, dtype=torch.float64, device=y0.device))
+        cb(t, y, torch.scalar_tensor(dt, dtype=self.time_dtype, device=y0.device))
 
     def step(self, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
         self._call(self._step, field, t0, y0, dt)
@@ -132,19 +136,24 @@ class Callbacks:
 def initial_step_size(
     field: VectorField, t0: float, y0: Tensor, f0: Tensor, order: int, norm: ErrorNorm, sign: float
 ) -> float:
-    """Hairer, Nørsett & Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq computes it."""
+    """Hairer, Nørsett & Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq computes it:
+    in the state's precision (torchdiffeq does this arithmetic on tensors in y's dtype, so float32
+    states must round alike to take the same steps)."""
+    rnd = (lambda x: float(np.float32(x))) if y0.dtype == torch.float32 else (lambda x: x)
     with torch.no_grad():
         scale = torch.addcmul(norm.atol, y0.abs(), norm.rtol)
         d0 = abs(norm.apply(y0 / scale))
         if not math.isfinite(d0) and not bool(torch.isfinite(y0).all()):
             raise ValueError(f"non-finite values in the initial state y0 at t={field.user_time(t0):.10g}")
         d1 = abs(norm.apply(f0 / scale))
-        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        if not math.isfinite(d1) and not bool(torch.isfinite(f0).all()):
+            raise SolverError(f"func returned non-finite values at the initial time t={field.user_time(t0):.10g}")
+        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else rnd(rnd(0.01 * d0) / d1)
         h0 = abs(h0)
         f1 = field(t0 + h0, torch.add(y0, f0, alpha=sign * h0))
-        d2 = abs(norm.apply((f1 - f0) / scale) / h0)
+        d2 = abs(rnd(norm.apply((f1 - f0) / scale) / h0))
     if d1 <= 1e-15 and d2 <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
+        h1 = max(1e-6, rnd(h0 * 1e-3))
     else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / float(order + 1))
-    return min(100 * h0, abs(h1))
+        h1 = rnd(rnd(0.01 / max(d1, d2)) ** (1.0 / float(order + 1)))
+    return min(rnd(100 * h0), abs(h1))

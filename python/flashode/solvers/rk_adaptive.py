@@ -94,9 +94,11 @@ class AdaptiveRKSolver:
             _check_finite_initial(y0, field.user_time(t0))
             f0 = field(t0, y0)
             dt = float(opts.first_step)
+            if not bool(torch.isfinite(f0).all()):
+                raise SolverError(f"func returned non-finite values at the initial time t={field.user_time(t0):.10g}")
         step_t = _future_times(opts.step_t, t0)
         jump_t = _future_times(opts.jump_t, t0)
-        if set(step_t) & set(jump_t):
+        if len(set(step_t + jump_t)) != len(step_t) + len(jump_t):
             raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
         step_i = jump_i = 0
         stage_plan = [(i, self.rows[i], tab.c[i]) for i in range(1, self.stages)]
@@ -144,6 +146,11 @@ class AdaptiveRKSolver:
             if dt > opts.max_step:
                 accept = False
             if dt <= opts.min_step:
+                if math.isnan(ratio):  # min_step forces acceptance, never of a non-finite state
+                    raise SolverError(
+                        f"non-finite values in the state at t={field.user_time(t1):.10g} "
+                        f"(step from t={field.user_time(t0):.10g} with dt={dt:.3g} = min_step)"
+                    )
                 accept = True
             if accept:
                 self.callbacks.accept(field, t0, y0, dt)
