@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._func import VectorField
+from .._func import VectorField, _flat_to_shape
 from ..tableaus import ADAPTIVE, FIXED
 from .common import Callbacks, ErrorNorm
 from .fixed_grid import FixedGridRKSolver
@@ -127,8 +127,4 @@ def make_solver(
 
 
 def _shaped(y0: Tensor, tuple_shapes: list[torch.Size] | None) -> Any:
-    if tuple_shapes is None:
-        return y0
-    from .._func import _flat_to_shape
-
-    return _flat_to_shape(y0, tuple_shapes)
+    return y0 if tuple_shapes is None else _flat_to_shape(y0, tuple_shapes)

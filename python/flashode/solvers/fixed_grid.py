@@ -11,7 +11,7 @@ Each stage is one `rk_stage` op, and all outputs inside a step are one `rk_dense
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
