@@ -234,7 +234,18 @@ def ops_for(device: torch.device, record_graph: bool) -> NoGradOps | AutogradOps
     silently dropping tangents."""
     if _forward_ad_active():
         return ReferenceOps()
-    return AutogradOps() if record_graph else NoGradOps(device)
+    if record_graph:
+        return AutogradOps()
+    # Built once per device type (looking ops up on torch.ops costs ~10 us); rebuilt if the set of
+    # loaded kernels changed (reference_path()).
+    key = (device.type, frozenset(kernel_devices))
+    ops = _no_grad_ops_cache.get(key)
+    if ops is None:
+        ops = _no_grad_ops_cache[key] = NoGradOps(device)
+    return ops
+
+
+_no_grad_ops_cache: dict[tuple[str, frozenset[str]], NoGradOps] = {}
 
 
 def path_for(device_type: str) -> str:

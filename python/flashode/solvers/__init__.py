@@ -39,6 +39,8 @@ def _as_times(x: Any, direction: float) -> list[float]:
 
 def _tolerance(tol: Any, y0: Tensor, name: str) -> Tensor:
     """A scalar or per-element tolerance in the state's dtype and device (numel 1 or N)."""
+    if isinstance(tol, (int, float)):  # a fill on the device: no host-to-device copy to wait for
+        return torch.full((), float(tol), dtype=y0.dtype, device=y0.device)
     tol_t = torch.as_tensor(tol, dtype=y0.dtype, device=y0.device).detach()
     if tol_t.numel() == 1:
         return tol_t.reshape(())
@@ -48,6 +50,23 @@ def _tolerance(tol: Any, y0: Tensor, name: str) -> Tensor:
         return tol_t.expand(y0.shape).contiguous()
     except RuntimeError:
         raise ValueError(f"{name} of shape {tuple(tol_t.shape)} does not broadcast to y0's shape {tuple(y0.shape)}") from None
+
+
+def _check_tolerances(rtol: Any, atol: Any, n: int) -> None:
+    """Negative or all-zero tolerances can never accept a step. Checked on the values the user
+    gave (host floats in the common case, so no device read)."""
+    if isinstance(rtol, (int, float)) and isinstance(atol, (int, float)):
+        if rtol < 0 or atol < 0:
+            raise ValueError("rtol and atol must be non-negative")
+        if n > 0 and rtol == 0 and atol == 0:
+            raise ValueError("rtol and atol cannot both be zero: no step could ever be accepted")
+        return
+    r = torch.as_tensor(rtol, dtype=torch.float64).detach().cpu()
+    a = torch.as_tensor(atol, dtype=torch.float64).detach().cpu()
+    if bool((r < 0).any()) or bool((a < 0).any()):
+        raise ValueError("rtol and atol must be non-negative")
+    if n > 0 and bool(((r == 0) & (a == 0)).any()):
+        raise ValueError("rtol and atol cannot both be zero (for any state element): no step could ever be accepted")
 
 
 def make_solver(
@@ -102,10 +121,7 @@ def make_solver(
     )
     if norm.rtol.numel() not in (1, n) or norm.atol.numel() not in (1, n):
         raise ValueError(f"rtol/atol must be scalars or have one value per state element ({n})")
-    if bool((norm.rtol < 0).any()) or bool((norm.atol < 0).any()):
-        raise ValueError("rtol and atol must be non-negative")
-    if n > 0 and bool(((norm.rtol == 0) & (norm.atol == 0)).any()):
-        raise ValueError("rtol and atol cannot both be zero (for any state element): no step could ever be accepted")
+    _check_tolerances(rtol, atol, n)
     first_step = options.get("first_step")
     opts = AdaptiveOptions(
         first_step=None if first_step is None else abs(_as_float(first_step)),
