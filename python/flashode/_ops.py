@@ -21,6 +21,11 @@ from torch import Tensor
 
 from . import _reference
 
+OP_NAMES = ("rk_stage", "rk_finalize", "rk_dense")
+
+# device types whose kernels are loaded; for the others, why not (shown by show_config)
+kernel_devices: set[str] = set()
+load_errors: dict[str, str] = {}
 
 
 def _library_dirs() -> list[Path]:
@@ -37,11 +42,6 @@ def _find_library(filename: str) -> Path:
         if (directory / filename).exists():
             return directory / filename
     return _library_dirs()[0] / filename
-OP_NAMES = ("rk_stage", "rk_finalize", "rk_dense")
-
-# device type -> None if the kernels for it are loaded, else why not
-load_errors: dict[str, str] = {}
-kernel_devices: set[str] = set()
 
 
 def _load_library(device: str, filename: str) -> None:
