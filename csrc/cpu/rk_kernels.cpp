@@ -4,9 +4,10 @@
 // while every stage row is folded in, so y and each k[j] are read once and the output written once.
 // The inner loops are plain arrays with restrict pointers, which GCC vectorises (-O3; see
 // -fopt-info-vec); the norm's sum of squares is an `omp simd` reduction (-fopenmp-simd: lane
-// order fixed at compile time, no OpenMP runtime). Large states are split into fixed chunks run on torch's intra-op thread pool
-// (stable parallel_for); the chunking does not depend on the thread count, so the error norm's
-// reduction order, and hence every result, is the same for any number of threads.
+// order fixed at compile time, no OpenMP runtime). Large states are split into fixed chunks run
+// on torch's intra-op thread pool (stable parallel_for); the chunking does not depend on the thread
+// count, so the error norm's reduction order, and hence every result, is the same for any number
+// of threads.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>

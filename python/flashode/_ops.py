@@ -189,23 +189,18 @@ class NoGradOps:
     """
 
     def __init__(self, device: torch.device) -> None:
-        if device.type in kernel_devices:
-            keys = torch._C.DispatchKeySet(
-                torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
-            )
-            # OpOverload.redispatch is a thin Python wrapper around the handle's boxed redispatch;
-            # calling the handle directly saves a frame per op.
-            stage = torch.ops.flashode.rk_stage.default._handle.redispatch_boxed
-            finalize = torch.ops.flashode.rk_finalize.default._handle.redispatch_boxed
-            dense = torch.ops.flashode.rk_dense.default._handle.redispatch_boxed
-            # partial objects call straight into C++: no Python frame per op.
-            self.rk_stage = functools.partial(stage, keys)
-            self.rk_finalize = functools.partial(finalize, keys)
-            self.rk_dense = functools.partial(dense, keys)
-        else:
-            self.rk_stage = _reference.rk_stage
-            self.rk_finalize = _reference.rk_finalize
-            self.rk_dense = _reference.rk_dense
+        keys = torch._C.DispatchKeySet(
+            torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
+        )
+        # OpOverload.redispatch is a thin Python wrapper around the handle's boxed redispatch;
+        # calling the handle directly saves a frame per op.
+        stage = torch.ops.flashode.rk_stage.default._handle.redispatch_boxed
+        finalize = torch.ops.flashode.rk_finalize.default._handle.redispatch_boxed
+        dense = torch.ops.flashode.rk_dense.default._handle.redispatch_boxed
+        # partial objects call straight into C++: no Python frame per op.
+        self.rk_stage = functools.partial(stage, keys)
+        self.rk_finalize = functools.partial(finalize, keys)
+        self.rk_dense = functools.partial(dense, keys)
 
 
 class AutogradOps:
@@ -229,23 +224,22 @@ def _forward_ad_active() -> bool:
 
 
 def ops_for(device: torch.device, record_graph: bool) -> NoGradOps | AutogradOps | ReferenceOps:
-    """The op set a solve should use. The kernels carry reverse-mode formulas only, so inside a
-    forward-mode AD level (dual tensors, jvp) the solve runs on the reference ops instead of
+    """The op set a solve should use: the reference ops on a device without kernels. The kernels
+    carry reverse-mode formulas only, so inside a forward-mode AD level (dual tensors, jvp) the
+    solve also runs on the reference ops instead of
     silently dropping tangents."""
-    if _forward_ad_active():
+    if _forward_ad_active() or device.type not in kernel_devices:
         return ReferenceOps()
     if record_graph:
         return AutogradOps()
-    # Built once per device type (looking ops up on torch.ops costs ~10 us); rebuilt if the set of
-    # loaded kernels changed (reference_path()).
-    key = (device.type, frozenset(kernel_devices))
-    ops = _no_grad_ops_cache.get(key)
+    # Built once per device type: looking ops up on torch.ops costs ~10 us.
+    ops = _no_grad_ops_cache.get(device.type)
     if ops is None:
-        ops = _no_grad_ops_cache[key] = NoGradOps(device)
+        ops = _no_grad_ops_cache[device.type] = NoGradOps(device)
     return ops
 
 
-_no_grad_ops_cache: dict[tuple[str, frozenset[str]], NoGradOps] = {}
+_no_grad_ops_cache: dict[str, NoGradOps] = {}
 
 
 def path_for(device_type: str) -> str:

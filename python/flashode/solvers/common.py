@@ -133,6 +133,14 @@ class Callbacks:
         self._call(self._reject, field, t0, y0, dt)
 
 
+def check_finite_start(field: VectorField, t0: float, y0: Tensor | None, f0: Tensor | None) -> None:
+    """Raises if y0, or func at the initial time, holds NaN or inf (one device read each given)."""
+    if y0 is not None and not bool(torch.isfinite(y0).all()):
+        raise ValueError(f"non-finite values in the initial state y0 at t={field.user_time(t0):.10g}")
+    if f0 is not None and not bool(torch.isfinite(f0).all()):
+        raise SolverError(f"func returned non-finite values at the initial time t={field.user_time(t0):.10g}")
+
+
 def initial_step_size(
     field: VectorField, t0: float, y0: Tensor, f0: Tensor, order: int, norm: ErrorNorm, sign: float
 ) -> float:
@@ -143,11 +151,9 @@ def initial_step_size(
     with torch.no_grad():
         scale = torch.addcmul(norm.atol, y0.abs(), norm.rtol)
         d0 = abs(norm.apply(y0 / scale))
-        if not math.isfinite(d0) and not bool(torch.isfinite(y0).all()):
-            raise ValueError(f"non-finite values in the initial state y0 at t={field.user_time(t0):.10g}")
         d1 = abs(norm.apply(f0 / scale))
-        if not math.isfinite(d1) and not bool(torch.isfinite(f0).all()):
-            raise SolverError(f"func returned non-finite values at the initial time t={field.user_time(t0):.10g}")
+        if not (math.isfinite(d0) and math.isfinite(d1)):  # the norms double as the finiteness check
+            check_finite_start(field, t0, y0, f0)
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else rnd(rnd(0.01 * d0) / d1)
         h0 = abs(h0)
         f1 = field(t0 + h0, torch.add(y0, f0, alpha=sign * h0))

@@ -23,7 +23,7 @@ from .. import _ops
 from .._func import Perturb, VectorField
 from ..errors import SolverError
 from ..tableaus import Tableau
-from .common import ErrorNorm, StageBuffers, Callbacks, initial_step_size
+from .common import Callbacks, ErrorNorm, StageBuffers, check_finite_start, initial_step_size
 
 
 @dataclass
@@ -86,15 +86,14 @@ class AdaptiveRKSolver:
         t0 = t[0]
         if opts.first_step is None:
             f0 = field(t0, y0)
-            # The starting-step heuristic reads norm(y0 / scale) to the host anyway: a non-finite
-            # value there is the y0 check, with no extra device read.
+            # The starting-step heuristic reads norms of y0 and f0 to the host anyway and checks
+            # them for non-finite values on the way, with no extra device read.
             dt = initial_step_size(field, t0, y0, f0, tab.order - 1, self.norm, self.sign)
         else:
-            _check_finite_initial(y0, field.user_time(t0))
+            check_finite_start(field, t0, y0, None)  # before func ever sees y0
             f0 = field(t0, y0)
+            check_finite_start(field, t0, None, f0)
             dt = float(opts.first_step)
-            if not bool(torch.isfinite(f0).all()):
-                raise SolverError(f"func returned non-finite values at the initial time t={field.user_time(t0):.10g}")
         step_t = _future_times(opts.step_t, t0)
         jump_t = _future_times(opts.jump_t, t0)
         if len(set(step_t + jump_t)) != len(step_t) + len(jump_t):
@@ -188,8 +187,3 @@ class AdaptiveRKSolver:
 def _future_times(times: list[float], t0: float) -> list[float]:
     # Grid points at or before t0 can never be stepped to (torchdiffeq starts after t0 too).
     return sorted(x for x in times if x > t0)
-
-
-def _check_finite_initial(y0: Tensor, t0: float) -> None:
-    if not bool(torch.isfinite(y0).all()):
-        raise ValueError(f"non-finite values in the initial state y0 at t={t0:.10g}")
