@@ -97,7 +97,7 @@ def make_cases(n: int, dtype: torch.dtype, device: torch.device, path: str) -> l
         Case("clone", lambda: y.clone(), 2),
         Case("rk_stage", lambda: ops.rk_stage(y, k, STAGE_COEFFS, H), rows_read(STAGE_COEFFS) + 2),
         Case("rk_finalize",
-             lambda: ops.rk_finalize(y, k, FINALIZE_B, FINALIZE_E, H, rtol, atol, [], False),
+             lambda: ops.rk_finalize(y, k, FINALIZE_B, FINALIZE_E, H, rtol, atol, [], False, False),
              rows_read(FINALIZE_B, FINALIZE_E) + 2),
         Case("rk_dense", lambda: ops.rk_dense(y, k, DENSE_POLY, DENSE_THETA, H),
              dense_rows() + 1 + len(DENSE_THETA)),
@@ -206,7 +206,7 @@ def latency_table(device: torch.device, dtype: torch.dtype) -> list[tuple[str, f
     atol = torch.tensor(1e-8, dtype=dtype, device=device)
     pub = op_table(device, "public")
     solver = op_table(device, "solver")
-    fin_args = (FINALIZE_B, FINALIZE_E, H, rtol, atol, [], False)
+    fin_args = (FINALIZE_B, FINALIZE_E, H, rtol, atol, [], False, False)
     cases = [
         Case("copy_", lambda: dst.copy_(y), 0),
         Case("torch.add(y, k[0], alpha=h)", lambda: torch.add(y, k[0], alpha=H), 0),

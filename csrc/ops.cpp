@@ -10,12 +10,17 @@ STABLE_TORCH_LIBRARY(flashode, m) {
   // y + h * sum_j a[j] * k[j], over the first len(a) stages.
   m.def("rk_stage(Tensor y, Tensor k, float[] a, float h) -> Tensor");
   // One pass: y1 = y + h * sum_j b[j] k[j]; err = h * sum_j b_error[j] k[j]; and the error ratio
-  // max over segments s of RMS_s(err / (atol + rtol * max(|y|, |y1|))). segment_ends are the
-  // cumulative ends of the segments ([] = one segment). err is returned only if return_error
-  // (otherwise an empty tensor). The ratio is a 0-dim float64 tensor.
+  // from RMS_s(err / (atol + rtol * max(|y|, |y1|))) over each segment s (0 for an empty one).
+  // segment_ends are the cumulative ends of the segments, non-decreasing, the last <= N
+  // ([] = one segment [0, N)); elements after the last end are finalised but in no segment (the
+  // adjoint's seminorm). err is returned only if return_error (otherwise an empty tensor). The
+  // ratio is float64: the max over segments as a 0-dim tensor, or with per_segment every RMS_s,
+  // shape (number of segments,). A non-finite y1 anywhere, the tail included, makes every ratio
+  // value NaN.
   m.def(
       "rk_finalize(Tensor y, Tensor k, float[] b, float[] b_error, float h, Tensor rtol, "
-      "Tensor atol, int[] segment_ends, bool return_error) -> (Tensor, Tensor, Tensor)");
+      "Tensor atol, int[] segment_ends, bool return_error, bool per_segment=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // Continuous extension at M points theta in [0, 1] of one step:
   // out[m] = y + h * sum_j B_j(theta_m) k[j], with B_j(x) = sum_p poly[j * D + p] x^(p + 1).
   m.def("rk_dense(Tensor y, Tensor k, float[] poly, float[] theta, float h) -> Tensor");

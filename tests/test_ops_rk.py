@@ -1,7 +1,8 @@
 """Tests of flashode's fused Runge–Kutta ops (rk_stage, rk_finalize, rk_dense).
 
 The compiled kernels (csrc/) are checked against the pure-PyTorch reference (_reference.py) on
-random shapes, layouts and coefficients; then non-finite handling, input validation, the
+random shapes, layouts and coefficients; then rk_finalize's norm segments (a tail in no segment
+for the adjoint's seminorm, per-segment norms), non-finite handling, input validation, the
 torch.library registrations (opcheck), the autograd formulas (gradcheck), thread-count
 determinism and the autograd-free `ops_for` path. CUDA cases run only where a GPU is present.
 
@@ -145,50 +146,70 @@ def check_dense(y: torch.Tensor, k: torch.Tensor, poly: list[float], theta: list
     assert_close(out, expected, mag)
 
 
-def ratio_slack(args: tuple, y1: torch.Tensor, err: torch.Tensor) -> float:
-    """Largest per-segment RMS of the first-order sensitivity of err_i / scale_i to rounding of the
-    summed terms: |Δratio| <= TOL * this (RMS is 1-Lipschitz), however much err or y1 cancel.
+def ratio_slack(args: tuple, y1: torch.Tensor, err: torch.Tensor) -> list[float]:
+    """Per segment, the RMS of the first-order sensitivity of err_i / scale_i to rounding of the
+    summed terms: |ΔRMS_s| <= TOL * this (RMS is 1-Lipschitz), however much err or y1 cancel.
     `args` are rk_finalize's; y1 and err the reference's."""
-    y, k, b, b_error, h, rtol, atol, ends, _ = args
+    y, k, b, b_error, h, rtol, atol, ends, *_ = args
     n = y.numel()
     if n == 0:
-        return 0.0
+        return [0.0] * max(len(ends), 1)
     flat = lambda t: t.detach().double().reshape(-1)  # noqa: E731
     rt, at = flat(rtol).expand(n), flat(atol).expand(n)
     mag_y1 = flat(magnitude(y, k, [h * c for c in b]))
     mag_err = flat(magnitude(torch.zeros_like(y), k, [h * c for c in b_error]))
     scale = at + rt * torch.maximum(flat(y).abs(), flat(y1).abs())
     bound = (mag_err + flat(err).abs() * rt * mag_y1 / scale) / scale
-    slack, begin = 0.0, 0
+    slacks, begin = [], 0
     for end in ends or [n]:
-        if end > begin:
-            slack = max(slack, bound[begin:end].pow(2).mean().sqrt().item())
+        slacks.append(bound[begin:end].pow(2).mean().sqrt().item() if end > begin else 0.0)
         begin = end
-    return slack
+    return slacks
+
+
+def assert_ratio_close(r: float, rr: float, slack: float, dtype: torch.dtype) -> None:
+    """A kernel's ratio value r against the reference's rr, given the rounding slack."""
+    if math.isnan(rr) or math.isinf(rr):
+        assert (math.isnan(r) and math.isnan(rr)) or r == rr, (r, rr)
+    else:
+        # The scaled errors are computed in the state's dtype and squared in float64, so a
+        # float32 square below float32's smallest normal may be lost: a mean of squares off by
+        # < tiny, i.e. a ratio off by < sqrt(tiny) (~1e-19), whatever the relative error.
+        floor = math.sqrt(torch.finfo(dtype).tiny)
+        assert abs(r - rr) <= TOL[dtype] * (slack + rr) + floor, (r, rr, slack)
+
+
+def nan_max(values: torch.Tensor) -> float:
+    """The max of a float64 vector, NaN if any value is NaN (the 0-dim ratio from the per-segment one)."""
+    return math.nan if bool(values.isnan().any()) else values.max().item()
 
 
 def check_finalize(*args: object) -> None:
-    """Kernel vs reference for rk_finalize(*args)."""
-    y, k, b, b_error, h, *_, return_error = args
+    """Kernel vs reference for rk_finalize(*args); then the kernel's other ratio mode (0-dim or
+    per-segment) must agree with it exactly: the max of the per-segment values."""
+    y, k, b, b_error, h, _rtol, _atol, ends, return_error, per_segment = args
     y1, err, ratio = kernel("rk_finalize")(*args)
-    ry1, rerr, rratio = reference("rk_finalize")(*args[:-1], True)  # err for the checks below
+    ry1, rerr, rratio = reference("rk_finalize")(*args[:8], True, per_segment)  # err for the checks below
     assert y1.is_contiguous()
     assert_close(y1, ry1, magnitude(y, k, [h * c for c in b]))
     if return_error:
         assert_close(err, rerr, magnitude(torch.zeros_like(y), k, [h * c for c in b_error]))
     else:
         assert err.shape == (0,) and err.dtype == y.dtype and err.device == y.device
-    assert ratio.shape == () and ratio.dtype == torch.float64 and ratio.device == y.device
-    r, rr = ratio.item(), rratio.item()
-    if math.isnan(rr) or math.isinf(rr):
-        assert (math.isnan(r) and math.isnan(rr)) or r == rr, (r, rr)
+    shape = (max(len(ends), 1),) if per_segment else ()
+    assert ratio.shape == shape and ratio.dtype == torch.float64 and ratio.device == y.device
+    assert rratio.shape == shape and rratio.dtype == torch.float64
+    slacks = ratio_slack(args, ry1, rerr)
+    if per_segment:
+        for r, rr, slack in zip(ratio.tolist(), rratio.tolist(), slacks):
+            assert_ratio_close(r, rr, slack, y.dtype)
     else:
-        slack = ratio_slack(args, ry1, rerr)
-        # The CPU kernel squares float32 scaled errors in float32 (the reference and CUDA in
-        # float64), so squares below float32's smallest normal are lost: a mean of squares off
-        # by < tiny, i.e. a ratio off by < sqrt(tiny) (~1e-19), whatever the relative error.
-        floor = math.sqrt(torch.finfo(y.dtype).tiny)
-        assert abs(r - rr) <= TOL[y.dtype] * (slack + rr) + floor, (r, rr, slack)
+        assert_ratio_close(ratio.item(), rratio.item(), max(slacks), y.dtype)
+    _, _, other = kernel("rk_finalize")(*args[:9], not per_segment)
+    per, single = (ratio, other) if per_segment else (other, ratio)
+    assert per.shape == (max(len(ends), 1),) and single.shape == ()
+    r, expected = single.item(), nan_max(per)
+    assert (math.isnan(r) and math.isnan(expected)) or r == expected, (r, expected)
 
 
 # ----------------------------------------------------------------------------- random cases
@@ -256,10 +277,14 @@ def draw_tolerance(data: st.DataObject, case: Case, device: str, lo: float, hi: 
 
 
 def draw_segment_ends(data: st.DataObject, n: int) -> list[int]:
-    """[] (one segment) or cumulative ends ending at n; repeated cuts give empty segments."""
+    """[] (one segment) or cumulative ends; repeated cuts give empty segments. The last end is n
+    or, half the time, anywhere from the last cut to n: the elements after it are in no segment
+    (the adjoint's seminorm)."""
     if data.draw(st.booleans()):
         return []
-    return sorted(data.draw(st.lists(st.integers(0, n), max_size=5))) + [n]
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=5)))
+    last = n if data.draw(st.booleans()) else data.draw(st.integers(cuts[-1] if cuts else 0, n))
+    return [*cuts, last]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,7 +296,7 @@ def test_stage_matches_reference(device: str, case: Case, data: st.DataObject) -
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(FUZZ, max_examples=100)  # the most inputs to vary: tolerances, segments, return_error
+@settings(FUZZ, max_examples=150)  # the most inputs to vary: tolerances, segments, err, per_segment
 @given(case=cases, data=st.data())
 def test_finalize_matches_reference(device: str, case: Case, data: st.DataObject) -> None:
     y, k = case.tensors(device)
@@ -283,7 +308,8 @@ def test_finalize_matches_reference(device: str, case: Case, data: st.DataObject
     rtol = draw_tolerance(data, case, device, 0.0, 1.0)
     atol = draw_tolerance(data, case, device, 1e-6, 1.0)
     ends = draw_segment_ends(data, y.numel())
-    check_finalize(y, k, b, b_error, case.h, rtol, atol, ends, data.draw(st.booleans()))
+    return_error, per_segment = data.draw(st.booleans()), data.draw(st.booleans())
+    check_finalize(y, k, b, b_error, case.h, rtol, atol, ends, return_error, per_segment)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -317,12 +343,14 @@ def test_large_and_misaligned_states_match_reference(
         assert y.data_ptr() % 16 != 0 and k.data_ptr() % 16 != 0
     a = [0.1, -0.2, 0.0, 0.7, 0.3, 0.0]
     b, b_error = [0.2, 0.0, 0.3, 0.1, 0.0, 0.4, 0.0], [0.01, 0.0, -0.02, 0.0, 0.03, -0.01, 0.02]
-    ends = [100, 16384 + 7, 16384 + 7, 2 * 16384 - 1, n]
     check_stage(y, k, a, 0.05)
     rtol = with_layout(torch.full((n,), 1e-3, dtype=dtype, device=device), layout)
     atol = tol_tensor(1e-6, y)  # scalar atol with per-element rtol: the kernel expands it
-    for return_error in (True, False):
-        check_finalize(y, k, b, b_error, 0.05, rtol, atol, ends, return_error)
+    # All of the state in segments, or a tail of 16k+ elements after the last end in none.
+    for ends in ([100, 16384 + 7, 16384 + 7, 2 * 16384 - 1, n], [100, 16384 + 7, 16384 + 7, 2 * 16384 - 1]):
+        for return_error in (True, False):
+            for per_segment in (False, True):
+                check_finalize(y, k, b, b_error, 0.05, rtol, atol, ends, return_error, per_segment)
     check_dense(y, k, [0.1 * (j + p) for j in range(7) for p in range(3)], [0.0, 0.4, 1.0], 0.05)
 
 
@@ -338,8 +366,80 @@ def test_stages_beyond_coefficients_are_never_read(device: str, dtype: torch.dty
     clean = impl("rk_stage")(y, k, a, 0.1)
     k[2:] = float("nan")
     torch.testing.assert_close(impl("rk_stage")(y, k, a, 0.1), clean, rtol=0, atol=0)
-    y1, err, ratio = impl("rk_finalize")(y, k, a, a[::-1], 0.1, *tols(y), [], True)
+    y1, err, ratio = impl("rk_finalize")(y, k, a, a[::-1], 0.1, *tols(y), [], True, False)
     assert torch.isfinite(y1).all() and torch.isfinite(err).all() and math.isfinite(ratio.item())
+
+
+# ----------------------------------------------------------------------------- norm segments
+
+
+def scaled_error(y: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """err / (atol + rtol * max(|y|, |y1|)) in float64, flat."""
+    y, y1, err = (t.detach().double().reshape(-1) for t in (y, y1, err))
+    return err / (atol + rtol * torch.maximum(y.abs(), y1.abs()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", [kernel, reference], ids=["kernel", "reference"])
+def test_finalize_per_segment_values(device: str, dtype: torch.dtype, impl: Impl) -> None:
+    # Empty first and third segments (RMS 0), and [42, 50) in no segment.
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(50, generator=gen, dtype=dtype).to(device)
+    k = torch.randn(3, 50, generator=gen, dtype=dtype).to(device)
+    ends = [0, 10, 10, 30, 42]
+    args = (y, k, [0.2, 0.3, 0.5], [0.1, 0.0, -0.1], 0.1, *tols(y), ends, True)
+    y1, err, per = impl("rk_finalize")(*args, True)
+    scaled = scaled_error(y, y1, err, 1e-3, 1e-6)
+    rms = lambda lo, hi: scaled[lo:hi].pow(2).mean().sqrt().item()  # noqa: E731
+    expected = torch.tensor([0.0, rms(0, 10), 0.0, rms(10, 30), rms(30, 42)], dtype=torch.float64)
+    assert per.shape == (5,) and per.dtype == torch.float64 and per.device == y.device
+    torch.testing.assert_close(per.cpu(), expected, rtol=TOL[dtype], atol=0)
+    assert per[0].item() == 0.0 and per[2].item() == 0.0 and per[1].item() > 0.0
+    # The 0-dim ratio is the max of the same values; [] is one segment over the whole state.
+    assert impl("rk_finalize")(*args, False)[2].item() == per.max().item()
+    _, _, whole = impl("rk_finalize")(*args[:7], [], True, True)
+    assert whole.shape == (1,)
+    assert whole.item() == pytest.approx(scaled.pow(2).mean().sqrt().item(), rel=TOL[dtype])
+    # Only the elements after the last end in none: an error there, however large, changes nothing.
+    k_tail = k.clone()
+    k_tail[:, 42:] *= 1e6
+    y1_tail, err_tail, per_tail = impl("rk_finalize")(y, k_tail, *args[2:], True)
+    assert torch.equal(per_tail, per) and bool((err_tail[42:] != err[42:]).all())
+    assert torch.equal(y1_tail[:42], y1[:42])
+    # All elements after the last end: no segment has any, so the ratio is 0.
+    _, _, none = impl("rk_finalize")(*args[:7], [0], True, False)
+    assert none.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_finalize_per_segment_defaults_to_false(device: str) -> None:
+    # The schema default: the public op and the solvers' boxed redispatch (NoGradOps) fill it in,
+    # though every flashode call site passes it.
+    y, k = f64(12, device=device), f64(2, 12, device=device)
+    args = (y, k, [0.5, 0.5], [0.1, -0.1], 0.1, *tols(y), [4, 8], False)
+    expected = kernel("rk_finalize")(*args, False)[2]
+    assert expected.shape == ()
+    assert torch.equal(kernel("rk_finalize")(*args)[2], expected)
+    assert torch.equal(_ops.NoGradOps(torch.device(device)).rk_finalize(*args)[2], expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tail", [0, 37], ids=["no-tail", "tail"])
+def test_finalize_accepts_256_segments(device: str, dtype: torch.dtype, tail: int) -> None:
+    # kMaxSegments: on CUDA the ends travel by value in the kernel's parameters, and the last
+    # block folds 256 segments' partials over its threads.
+    gen = torch.Generator().manual_seed(4)
+    n = 3000
+    y = torch.randn(n, generator=gen, dtype=dtype).to(device)
+    k = torch.randn(4, n, generator=gen, dtype=dtype).to(device)
+    cuts = sorted(torch.randint(0, n - tail + 1, (255,), generator=gen).tolist())
+    ends = [*cuts, n - tail]
+    b, b_error = [0.1, 0.2, 0.3, 0.4], [0.01, -0.02, 0.0, 0.01]
+    for return_error in (False, True):
+        for per_segment in (False, True):
+            check_finalize(y, k, b, b_error, 0.2, *tols(y), ends, return_error, per_segment)
 
 
 # ----------------------------------------------------------------------------- non-finite values
@@ -374,9 +474,9 @@ def test_finalize_non_finite(
     y = torch.randn(N_POISON, generator=gen, dtype=dtype).to(device)
     k = torch.randn(4, N_POISON, generator=gen, dtype=dtype).to(device)
     finalize = impl("rk_finalize")
-    _, _, clean = finalize(y, k, B, B_ERROR, 0.1, *tols(y), SEGMENTS, False)
+    _, _, clean = finalize(y, k, B, B_ERROR, 0.1, *tols(y), SEGMENTS, False, False)
     (y if target == "y" else k[int(target[1])])[where] = value
-    y1, err, ratio = finalize(y, k, B, B_ERROR, 0.1, *tols(y), SEGMENTS, True)
+    y1, err, ratio = finalize(y, k, B, B_ERROR, 0.1, *tols(y), SEGMENTS, True, False)
     assert math.isfinite(clean.item()) and clean.item() > 0
     if expected == "nan":
         assert math.isnan(ratio.item())
@@ -384,6 +484,60 @@ def test_finalize_non_finite(
         assert ratio.item() == math.inf and torch.isfinite(y1).all()
     else:
         assert ratio.item() == clean.item() and torch.isfinite(y1).all() and torch.isfinite(err).all()
+
+
+# [1_000, 1_000) is empty; [20_000, N_POISON) is in no segment: the tail spans chunks 2 and 3.
+TAIL_SEGMENTS = [1_000, 1_000, 20_000]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", [kernel, reference], ids=["kernel", "reference"])
+@pytest.mark.parametrize("per_segment", [False, True], ids=["max", "per-segment"])
+@pytest.mark.parametrize("where", [500, 20_000, N_POISON - 1], ids=["segment", "tail-first", "tail-last"])
+@pytest.mark.parametrize(
+    ("target", "value", "y1_finite"),
+    [
+        ("k0", INF, False),  # y1 is inf (err finite)
+        ("k1", NAN, False),  # y1 and err are NaN
+        ("y", INF, False),
+        ("y", NAN, False),
+        ("k2", NAN, True),  # only err is NaN
+        ("k2", INF, True),  # only err is inf
+        ("k3", NAN, True),  # a stage with only zero coefficients is skipped
+    ],
+)
+def test_finalize_non_finite_with_tail(
+    device: str, dtype: torch.dtype, impl: Impl, per_segment: bool, where: int, target: str, value: float,
+    y1_finite: bool,
+) -> None:
+    # A non-finite y1 anywhere, the tail in no segment included, makes every ratio value NaN: a
+    # blow-up in the seminorm's excluded channels is never accepted. A non-finite err there is
+    # not measured; in a segment it makes that segment's RMS NaN or inf (and so the max).
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(N_POISON, generator=gen, dtype=dtype).to(device)
+    k = torch.randn(4, N_POISON, generator=gen, dtype=dtype).to(device)
+    finalize = impl("rk_finalize")
+    _, _, clean = finalize(y, k, B, B_ERROR, 0.1, *tols(y), TAIL_SEGMENTS, False, True)
+    assert clean.shape == (3,) and bool((clean[[0, 2]].isfinite() & (clean[[0, 2]] > 0)).all())
+    (y if target == "y" else k[int(target[1])])[where] = value
+    for return_error in (False, True):
+        _, _, ratio = finalize(y, k, B, B_ERROR, 0.1, *tols(y), TAIL_SEGMENTS, return_error, per_segment)
+        per = ratio if per_segment else None
+        if not y1_finite:
+            assert bool(ratio.isnan().all()), ratio
+        elif where >= TAIL_SEGMENTS[-1] or target == "k3":
+            expected = clean if per_segment else clean.max()
+            assert torch.equal(ratio, expected), (ratio, expected)
+        else:  # err non-finite in segment 0
+            bad = math.nan if math.isnan(value) else math.inf
+            if per is None:
+                got = ratio.item()
+                assert (math.isnan(got) and math.isnan(bad)) or got == bad, got
+            else:
+                first = per[0].item()
+                assert (math.isnan(first) and math.isnan(bad)) or first == bad, first
+                assert torch.equal(per[1:], clean[1:])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -394,8 +548,10 @@ def test_finalize_zero_error_gives_zero_ratio(device: str, impl: Impl, n: int, b
     y = torch.randn(n, dtype=torch.float64, device=device)
     k = torch.randn(3, n, dtype=torch.float64, device=device)
     ends = [n // 2, n // 2, n]  # with an empty segment, which must not divide 0 by 0
-    _, err, ratio = impl("rk_finalize")(y, k, [0.2, 0.3, 0.5], b_error, 0.1, *tols(y), ends, True)
+    _, err, ratio = impl("rk_finalize")(y, k, [0.2, 0.3, 0.5], b_error, 0.1, *tols(y), ends, True, False)
     assert ratio.item() == 0.0 and not bool(err.any())
+    _, _, per = impl("rk_finalize")(y, k, [0.2, 0.3, 0.5], b_error, 0.1, *tols(y), ends, False, True)
+    assert per.tolist() == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -403,7 +559,7 @@ def test_finalize_zero_error_gives_zero_ratio(device: str, impl: Impl, n: int, b
 def test_zero_step_with_non_finite_stage_agrees(device: str, op: str) -> None:
     y = torch.ones(3, dtype=torch.float64, device=device)
     k = torch.tensor([[math.inf, 1.0, 1.0]], dtype=torch.float64, device=device)
-    args = (y, k, [1.0], 0.0) if op == "rk_stage" else (y, k, [1.0], [0.5], 0.0, *tols(y), [], False)
+    args = (y, k, [1.0], 0.0) if op == "rk_stage" else (y, k, [1.0], [0.5], 0.0, *tols(y), [], False, False)
     got, expected = kernel(op)(*args), reference(op)(*args)
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     torch.testing.assert_close(first(got), first(expected), equal_nan=True)
@@ -422,7 +578,7 @@ def test_float32_ratio_does_not_overflow(device: str) -> None:
     y = torch.zeros(4, device=device)
     k = torch.full((1, 4), 1e20, device=device)
     one = tol_tensor(1.0, y)
-    _, _, ratio = kernel("rk_finalize")(y, k, [0.0], [1.0], 1.0, one, one, [], False)
+    _, _, ratio = kernel("rk_finalize")(y, k, [0.0], [1.0], 1.0, one, one, [], False, False)
     assert ratio.item() == pytest.approx(1e20, rel=1e-6)
 
 
@@ -444,6 +600,7 @@ def default_args(op: str, device: str, y: Any = None, k: Any = None, stages: int
             "atol": torch.full((), 1e-6, dtype=tol_dtype, device=device),
             "segment_ends": [],
             "return_error": True,
+            "per_segment": False,
         },
         "rk_dense": {"poly": [0.1 * i for i in range(2 * k.shape[0])], "theta": [0.5], "h": 0.1},
     }[op]
@@ -478,9 +635,12 @@ BAD_INPUTS = [
     Bad("no-stages", ("rk_dense",), lambda d: {"stages": 0, "poly": []}, "need at least as many stages"),
     Bad("33-stages", ("rk_stage", "rk_finalize"), lambda d: {"stages": 33}, "at most 32 stages"),
     Bad("33-stages", ("rk_dense",), lambda d: {"stages": 33, "poly": [0.1] * 33}, "at most 32 stages"),
-    Bad("segments-short", ("rk_finalize",), lambda d: {"segment_ends": [5]}, "segment.*state size"),
-    Bad("segments-long", ("rk_finalize",), lambda d: {"segment_ends": [5, 13]}, "segment.*state size"),
+    Bad("segments-long", ("rk_finalize",), lambda d: {"segment_ends": [5, 13]},
+        re.escape("the last segment end (13) must not exceed the state size (12)")),
+    Bad("segments-long-per-segment", ("rk_finalize",), lambda d: {"segment_ends": [13], "per_segment": True},
+        re.escape("the last segment end (13) must not exceed the state size (12)")),
     Bad("segments-decreasing", ("rk_finalize",), lambda d: {"segment_ends": [7, 5, 12]}, "non-decreasing"),
+    Bad("segments-negative", ("rk_finalize",), lambda d: {"segment_ends": [-1, 12]}, "non-negative and non-decreasing"),
     Bad("rtol-size", ("rk_finalize",), lambda d: {"rtol": f64(5, device=d).abs()}, "rtol must have 1 or 12"),
     Bad("atol-size", ("rk_finalize",), lambda d: {"atol": f64(2, device=d).abs()}, "atol must have 1 or 12"),
     Bad("poly-size", ("rk_dense",), lambda d: {"poly": [0.1] * 5}, re.escape("poly must hold S * D")),
@@ -489,8 +649,8 @@ BAD_INPUTS = [
     Bad("theta-nan", ("rk_dense",), lambda d: {"theta": [0.5, math.nan]}, "theta must be finite"),
     Bad("degree-9", ("rk_dense",), lambda d: {"poly": [0.1] * 27}, "degree 9 exceeds",
         reference="kernel-only"),
-    Bad("65-segments", ("rk_finalize",), lambda d: {"segment_ends": [0] * 64 + [12]}, "at most 64 norm",
-        reference="kernel-only"),
+    Bad("257-segments", ("rk_finalize",), lambda d: {"segment_ends": [0] * 256 + [12]},
+        "at most 256 norm segments are supported, got 257", reference="kernel-only"),
 ]
 
 
@@ -544,10 +704,18 @@ def opcheck_cases() -> list:
         "stage-0d-grad": ("rk_stage", (g(f64()), g(f64(2)), [0.5], 0.1)),
         "finalize-f64-grad": ("rk_finalize", (
             y64, k64, [0.2, 0.3, 0.0, 0.5], [0.1, 0.0, -0.1], 0.1, tol_tensor(1e-3, y64), per_element_atol,
-            [5, 5, 12], True,
+            [5, 5, 12], True, False,
         )),
-        "finalize-f32-noerr": ("rk_finalize", (y32, k32, [0.2, 0.3, 0.5], [0.1], 0.1, *tols(y32), [], False)),
-        "finalize-empty-grad": ("rk_finalize", (y0, k0, [0.5, 0.5], [0.1, -0.1], 0.1, *tols(y0), [], True)),
+        "finalize-f64-grad-per-segment-tail": ("rk_finalize", (
+            y64, k64, [0.2, 0.3, 0.0, 0.5], [0.1, 0.0, -0.1], 0.1, tol_tensor(1e-3, y64), per_element_atol,
+            [0, 5, 5, 9], True, True,
+        )),
+        "finalize-f32-noerr": ("rk_finalize", (y32, k32, [0.2, 0.3, 0.5], [0.1], 0.1, *tols(y32), [], False, False)),
+        "finalize-f32-per-segment-tail": ("rk_finalize", (
+            y32, k32, [0.2, 0.3, 0.5], [0.1], 0.1, *tols(y32), [10, 20], False, True,
+        )),
+        "finalize-empty-grad": ("rk_finalize", (y0, k0, [0.5, 0.5], [0.1, -0.1], 0.1, *tols(y0), [], True, False)),
+        "finalize-empty-per-segment": ("rk_finalize", (y0, k0, [0.5, 0.5], [0.1, -0.1], 0.1, *tols(y0), [], True, True)),
         "dense-f64-grad": ("rk_dense", (y64, k64, [0.1 * i for i in range(8)], [0.0, 0.3, 1.0], 0.1)),
         "dense-f32-noncontig": ("rk_dense", (y32, k32, [0.1 * i for i in range(9)], [0.5], 0.2)),
     }
@@ -566,8 +734,11 @@ B3 = [0.2, 0.0, 0.8]
 GRADCHECK_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
     "stage": lambda y, k: _ops.rk_stage(y, k, [0.5, 0.0, -0.75], 0.3),
     # err is differentiable too; ratio is not (asserted separately).
-    "finalize-err": lambda y, k: _ops.rk_finalize(y, k, B3, [0.1, -0.3], 0.3, *tols(y), [], True)[:2],
-    "finalize-noerr": lambda y, k: _ops.rk_finalize(y, k, B3, [0.1], 0.3, *tols(y), [], False)[0],
+    "finalize-err": lambda y, k: _ops.rk_finalize(y, k, B3, [0.1, -0.3], 0.3, *tols(y), [], True, False)[:2],
+    "finalize-noerr": lambda y, k: _ops.rk_finalize(y, k, B3, [0.1], 0.3, *tols(y), [], False, False)[0],
+    "finalize-tail-per-segment": lambda y, k: _ops.rk_finalize(
+        y, k, B3, [0.1, -0.3], 0.3, *tols(y), [y.numel() // 2], True, True
+    )[:2],
     "dense": lambda y, k: _ops.rk_dense(y, k, [0.1 * i - 0.5 for i in range(12)], [0.0, 0.3, 1.0], 0.3),
 }
 
@@ -583,8 +754,9 @@ def test_gradcheck(fn_name: str, shape: tuple[int, ...], layout: str) -> None:
 
 def test_finalize_ratio_is_not_differentiable() -> None:
     y, k = f64(6).requires_grad_(), f64(2, 6).requires_grad_()
-    y1, err, ratio = _ops.rk_finalize(y, k, [0.5, 0.5], [0.1, -0.1], 0.1, *tols(y), [], True)
-    assert y1.requires_grad and err.requires_grad and not ratio.requires_grad
+    for per_segment in (False, True):
+        y1, err, ratio = _ops.rk_finalize(y, k, [0.5, 0.5], [0.1, -0.1], 0.1, *tols(y), [2, 4], True, per_segment)
+        assert y1.requires_grad and err.requires_grad and not ratio.requires_grad
 
 
 def test_dense_backward_with_no_output_times() -> None:
@@ -595,7 +767,7 @@ def test_dense_backward_with_no_output_times() -> None:
 
 def test_finalize_backward_empty_multidim_state_without_error() -> None:
     y, k = f64(2, 0).requires_grad_(), f64(2, 2, 0).requires_grad_()
-    y1, _, _ = _ops.rk_finalize(y, k, [1.0, 0.0], [0.1, 0.0], 0.1, *tols(y), [], False)
+    y1, _, _ = _ops.rk_finalize(y, k, [1.0, 0.0], [0.1, 0.0], 0.1, *tols(y), [], False, False)
     y1.sum().backward()
     assert y.grad.shape == y.shape and k.grad.shape == k.shape
 
@@ -604,14 +776,22 @@ def test_finalize_backward_empty_multidim_state_without_error() -> None:
 
 
 def run_all_ops(call: Callable[[str, tuple], Any], y: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-    """Every op (finalize with and without err, several segments) on (y, k); `call(op, args)` runs one."""
+    """Every op (finalize with and without err, several segments, a tail in none, per-segment
+    norms, the most segments) on (y, k); `call(op, args)` runs one."""
     n, s = y.numel(), k.shape[0]
     b = [0.1 * (j + 1) for j in range(s)]
     b_error = [0.01 * (-1) ** j for j in range(s)]
     rtol, atol = tol_tensor(1e-3, y), tol_tensor(1e-6, y, tuple(y.shape))
     outs: list[torch.Tensor] = [call("rk_stage", (y, k, b[:-1], 0.07))]
-    for ends, return_error in (([], True), ([n // 3, n // 3, n - 5, n], False)):
-        outs += call("rk_finalize", (y, k, b, b_error, 0.07, rtol, atol, ends, return_error))
+    many = [(i * (n - n // 7)) // 256 for i in range(1, 257)]  # 256 segments, then a tail
+    for ends, return_error, per_segment in (
+        ([], True, False),
+        ([n // 3, n // 3, n - 5, n], False, False),
+        ([n // 3, n // 3, n - 5], True, True),
+        (many, False, True),
+        (many, False, False),
+    ):
+        outs += call("rk_finalize", (y, k, b, b_error, 0.07, rtol, atol, ends, return_error, per_segment))
     outs.append(call("rk_dense", (y, k, [0.05 * i for i in range(2 * s)], [0.0, 0.25, 1.0], 0.07)))
     return outs
 

@@ -13,6 +13,13 @@
 #include <cstdint>
 #include <vector>
 
+// Helpers used by the CUDA kernels too.
+#if defined(__CUDACC__)
+#define FLASHODE_HOST_DEVICE __host__ __device__
+#else
+#define FLASHODE_HOST_DEVICE
+#endif
+
 namespace flashode {
 
 using torch::headeronly::ScalarType;
@@ -60,7 +67,7 @@ inline Tensor new_like(const Tensor& t) { return new_contiguous(t, shape_of(t), 
 // Upper bounds that let the CUDA kernels receive coefficients by value (kernel parameters).
 constexpr int kMaxStages = 32;
 constexpr int kMaxDenseDegree = 8;
-constexpr int kMaxSegments = 64;
+constexpr int kMaxSegments = 256;
 
 // A stage combination y + sum_t weight[t] * k[index[t]] with zero coefficients dropped and h folded
 // into the weights once on the host.
@@ -121,10 +128,15 @@ inline StageTerms pack_terms(const std::vector<double>& coeffs, double h) {
   return terms;
 }
 
-// Segments of the flat state for the mixed error norm: cumulative ends, the last equal to n.
+// Segments of the flat state for the mixed error norm: cumulative ends, the last at most n. The
+// elements after the last end (the tail) are finalised but belong to no segment: the seminorm of
+// the adjoint solve leaves the parameter-gradient channels out of the error this way.
 struct Segments {
   int count = 0;
   int64_t end[kMaxSegments];
+
+  FLASHODE_HOST_DEVICE int64_t begin_of(int s) const { return s == 0 ? 0 : end[s - 1]; }
+  FLASHODE_HOST_DEVICE int64_t tail_begin() const { return end[count - 1]; }  // count >= 1 always
 };
 
 inline Segments check_segments(const std::vector<int64_t>& ends, int64_t n) {
@@ -138,12 +150,13 @@ inline Segments check_segments(const std::vector<int64_t>& ends, int64_t n) {
                   kMaxSegments, " norm segments are supported, got ", ends.size());
   int64_t prev = 0;
   for (size_t s = 0; s < ends.size(); ++s) {
-    STD_TORCH_CHECK(ends[s] >= prev, "flashode.rk_finalize: segment_ends must be non-decreasing");
+    STD_TORCH_CHECK(ends[s] >= prev,
+                    "flashode.rk_finalize: segment_ends must be non-negative and non-decreasing");
     prev = ends[s];
     seg.end[s] = ends[s];
   }
-  STD_TORCH_CHECK(prev == n, "flashode.rk_finalize: the last segment end (", prev,
-                  ") must equal the state size (", n, ")");
+  STD_TORCH_CHECK(prev <= n, "flashode.rk_finalize: the last segment end (", prev,
+                  ") must not exceed the state size (", n, ")");
   seg.count = static_cast<int>(ends.size());
   return seg;
 }
@@ -208,22 +221,25 @@ struct FinalizeCall {
   StageTerms sol, errw;
   Segments seg;
   bool return_error;
+  bool per_segment;  // ratio holds one RMS per segment (shape (seg.count,)) instead of their max
 };
 
 inline FinalizeCall prepare_finalize(const Tensor& y, const Tensor& k, const std::vector<double>& b,
                                      const std::vector<double>& b_error, double h, const Tensor& rtol,
                                      const Tensor& atol, const std::vector<int64_t>& segment_ends,
-                                     bool return_error) {
+                                     bool return_error, bool per_segment) {
   check_state(y, "rk_finalize");
   check_stages(y, k, static_cast<int64_t>(std::max(b.size(), b_error.size())), "rk_finalize");
   check_tolerance(rtol, y, "rtol");
   check_tolerance(atol, y, "atol");
   FinalizeCall call{as_contiguous(y), as_contiguous(k), as_contiguous(rtol), as_contiguous(atol),
                     Tensor(), Tensor(), Tensor(), pack_terms(b, h), pack_terms(b_error, h),
-                    check_segments(segment_ends, y.numel()), return_error};
+                    check_segments(segment_ends, y.numel()), return_error, per_segment};
   call.y1 = new_like(call.y);
   call.err = return_error ? new_like(call.y) : new_contiguous(call.y, {0}, dtype_code(call.y));
-  call.ratio = new_contiguous(call.y, {}, aoti_torch_dtype_float64());
+  const std::vector<int64_t> ratio_shape =
+      per_segment ? std::vector<int64_t>{call.seg.count} : std::vector<int64_t>{};
+  call.ratio = new_contiguous(call.y, ratio_shape, aoti_torch_dtype_float64());
   return call;
 }
 

@@ -87,49 +87,63 @@ Tensor rk_stage_cpu(Tensor y, Tensor k, std::vector<double> a, double h) {
   return call.out;
 }
 
-// Finalisation over [begin, end) which lies inside one norm segment: writes y1 (and err), returns
-// the sum of squared scaled errors in double.
-template <typename T>
-FLASHODE_CPU_CLONES double finalize_range(const T* __restrict y, const T* __restrict k, int64_t n,
+// What a finalised range contributes to the ratio: its sum of squared scaled errors (in a norm
+// segment only) and the sum of (y1 - y1) over it, 0 when every y1 is finite and NaN otherwise.
+struct RangeSums {
+  double sumsq = 0.0;
+  double finite = 0.0;
+};
+
+// Finalisation over [begin, end), which lies inside one norm segment (kNorm) or in the tail after
+// the last segment end (!kNorm: no scaled error is computed): writes y1 (and err).
+template <typename T, bool kNorm>
+FLASHODE_CPU_CLONES RangeSums finalize_range(const T* __restrict y, const T* __restrict k, int64_t n,
                       const StageTerms& sol, const StageTerms& errw, const T* __restrict rtol,
                       const T* __restrict atol, bool tol_per_element, T* __restrict y1,
                       T* __restrict err_out, int64_t begin, int64_t end) {
-  double sumsq = 0.0;
+  RangeSums sums;
   T err[kTile];
+  const bool need_err = kNorm || err_out != nullptr;
   for (int64_t i0 = begin; i0 < end; i0 += kTile) {
     const int64_t len = std::min(kTile, end - i0);
     combine_tile(y, k, n, sol, y1, i0, len);
-    for (int64_t i = 0; i < len; ++i) err[i] = 0;
-    for (int t = 0; t < errw.count; ++t) {
-      const T w = static_cast<T>(errw.weight[t]);
-      const T* __restrict row = k + errw.index[t] * n + i0;
-      for (int64_t i = 0; i < len; ++i) err[i] += w * row[i];
-    }
-    const T* __restrict y0 = y + i0;
     const T* __restrict y1t = y1 + i0;
-    double partial = 0;  // squares in double: float32 scaled errors may exceed 1.8e19 or fall below 1e-19
-    if (tol_per_element) {
-      const T* __restrict rt = rtol + i0;
-      const T* __restrict at = atol + i0;
-#pragma omp simd reduction(+ : partial)
-      for (int64_t i = 0; i < len; ++i) {
-        const T scale = at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1t[i]));
-        const double r = err[i] / scale + (y1t[i] - y1t[i]);  // NaN when y1 is not finite
-        partial += r * r;
-      }
-    } else {
-      const T rt = rtol[0], at = atol[0];
-#pragma omp simd reduction(+ : partial)
-      for (int64_t i = 0; i < len; ++i) {
-        const T scale = at + rt * std::max(std::abs(y0[i]), std::abs(y1t[i]));
-        const double r = err[i] / scale + (y1t[i] - y1t[i]);  // NaN when y1 is not finite
-        partial += r * r;
+    if (need_err) {
+      for (int64_t i = 0; i < len; ++i) err[i] = 0;
+      for (int t = 0; t < errw.count; ++t) {
+        const T w = static_cast<T>(errw.weight[t]);
+        const T* __restrict row = k + errw.index[t] * n + i0;
+        for (int64_t i = 0; i < len; ++i) err[i] += w * row[i];
       }
     }
-    sumsq += partial;
+    if constexpr (kNorm) {
+      const T* __restrict y0 = y + i0;
+      double partial = 0;  // squares in double: float32 scaled errors may exceed 1.8e19 or fall below 1e-19
+      if (tol_per_element) {
+        const T* __restrict rt = rtol + i0;
+        const T* __restrict at = atol + i0;
+#pragma omp simd reduction(+ : partial)
+        for (int64_t i = 0; i < len; ++i) {
+          const double r = err[i] / (at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1t[i])));
+          partial += r * r;
+        }
+      } else {
+        const T rt = rtol[0], at = atol[0];
+#pragma omp simd reduction(+ : partial)
+        for (int64_t i = 0; i < len; ++i) {
+          const double r = err[i] / (at + rt * std::max(std::abs(y0[i]), std::abs(y1t[i])));
+          partial += r * r;
+        }
+      }
+      sums.sumsq += partial;
+    }
+    T finite = 0;  // a sum of zeros, NaN once some y1 is inf or NaN: cannot round or overflow
+#pragma omp simd reduction(+ : finite)
+    for (int64_t i = 0; i < len; ++i) finite += y1t[i] - y1t[i];
+    sums.finite += finite;
     if (err_out != nullptr) std::copy(err, err + len, err_out + i0);
   }
-  return sumsq;
+  return sums;
 }
 
 template <typename T>
@@ -154,44 +168,54 @@ void finalize_impl(FinalizeCall& call) {
     ap = abuf.data();
   }
   T* y1p = call.y1.mutable_data_ptr<T>();
+  // One row of partials per chunk: seg.count sums of squares, then the chunk's finiteness sum.
   const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
-  std::vector<double> partial(chunks * seg.count, 0.0);
+  const int64_t row = seg.count + 1;
+  std::vector<double> partial(chunks * row, 0.0);
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    const int64_t chunk = begin / kChunk;
-    int64_t seg_begin = 0;
+    double* out = partial.data() + (begin / kChunk) * row;
     for (int s = 0; s < seg.count; ++s) {
-      const int64_t lo = std::max(begin, seg_begin), hi = std::min(end, seg.end[s]);
-      if (lo < hi)
-        partial[chunk * seg.count + s] =
-            finalize_range(yp, kp, n, call.sol, call.errw, rp, ap, per_element, y1p, err_out, lo, hi);
-      seg_begin = seg.end[s];
+      const int64_t lo = std::max(begin, seg.begin_of(s)), hi = std::min(end, seg.end[s]);
+      if (lo < hi) {
+        const RangeSums sums = finalize_range<T, true>(yp, kp, n, call.sol, call.errw, rp, ap, per_element,
+                                                       y1p, err_out, lo, hi);
+        out[s] = sums.sumsq;
+        out[seg.count] += sums.finite;
+      }
     }
+    const int64_t lo = std::max(begin, seg.tail_begin());  // elements in no segment
+    if (lo < end)
+      out[seg.count] += finalize_range<T, false>(yp, kp, n, call.sol, call.errw, rp, ap, per_element, y1p,
+                                                 err_out, lo, end).finite;
   });
-  // Mixed norm: the largest per-segment RMS; NaN anywhere makes the ratio NaN.
-  double result = 0.0;
-  int64_t seg_begin = 0;
+  // Sums over chunks in chunk order (the same for any thread count); a non-finite y1 anywhere,
+  // the tail included, makes every value NaN.
+  double finite = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) finite += partial[c * row + seg.count];
+  const double poison = std::isnan(finite) ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+  double* ratio = call.ratio.mutable_data_ptr<double>();
+  double largest = 0.0;
+  bool any_nan = false;
   for (int s = 0; s < seg.count; ++s) {
-    const int64_t size = seg.end[s] - seg_begin;
-    seg_begin = seg.end[s];
-    if (size == 0) continue;
+    const int64_t size = seg.end[s] - seg.begin_of(s);
     double sumsq = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) sumsq += partial[c * seg.count + s];
-    const double rms = std::sqrt(sumsq / static_cast<double>(size));
-    if (std::isnan(rms)) {
-      result = std::numeric_limits<double>::quiet_NaN();
-      break;
-    }
-    result = std::max(result, rms);
+    for (int64_t c = 0; c < chunks; ++c) sumsq += partial[c * row + s];
+    const double rms = (size == 0 ? 0.0 : std::sqrt(sumsq / static_cast<double>(size))) + poison;
+    if (call.per_segment) ratio[s] = rms;
+    any_nan = any_nan || std::isnan(rms);
+    largest = std::max(largest, rms);
   }
-  *call.ratio.mutable_data_ptr<double>() = result;
+  // Mixed norm: the largest per-segment RMS; NaN in any segment makes it NaN.
+  if (!call.per_segment) *ratio = any_nan ? std::numeric_limits<double>::quiet_NaN() : largest;
 }
 
 std::tuple<Tensor, Tensor, Tensor> rk_finalize_cpu(Tensor y, Tensor k, std::vector<double> b,
                                                    std::vector<double> b_error, double h,
                                                    Tensor rtol, Tensor atol,
                                                    std::vector<int64_t> segment_ends,
-                                                   bool return_error) {
-  FinalizeCall call = prepare_finalize(y, k, b, b_error, h, rtol, atol, segment_ends, return_error);
+                                                   bool return_error, bool per_segment) {
+  FinalizeCall call =
+      prepare_finalize(y, k, b, b_error, h, rtol, atol, segment_ends, return_error, per_segment);
   if (call.y.scalar_type() == ScalarType::Double) finalize_impl<double>(call); else finalize_impl<float>(call);
   return {call.y1, call.err, call.ratio};
 }

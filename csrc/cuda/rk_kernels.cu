@@ -3,8 +3,8 @@
 //
 // Elementwise passes use grid-stride loops with 16-byte vector loads (float4 / double2) when every
 // row is aligned, and scalar loads otherwise. The error norm is a one-pass block reduction: each
-// block writes one partial sum per segment and the last block to finish folds the partials, so
-// rk_finalize is a single kernel launch. Kernels run on the caller's current stream.
+// block writes one partial sum for its segment and the last block to finish folds the partials,
+// so rk_finalize is a single kernel launch. Kernels run on the caller's current stream.
 #include <cuda_runtime.h>
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -90,45 +90,70 @@ __global__ void stage_kernel(const T* __restrict__ y, const T* __restrict__ k, i
   }
 }
 
-struct Tolerances {
-  const void* rtol;
-  const void* atol;
-  bool rtol_per_element;
-  bool atol_per_element;
-};
-
-struct SegmentArgs {
-  Segments seg;
-};
-
-// grid = (blocks, segments). Each block covers part of one segment, writes y1/err, and adds its
-// partial sum of squared scaled errors to partials[segment * gridDim.x + block]. The last block to
-// finish (a ticket counter zeroed before the launch) folds the partials into the ratio.
+// Everything finalize_kernel reads, passed by value as its one kernel parameter (coefficients and
+// segment ends included: no host-to-device copy per step).
 template <typename T>
-__global__ void finalize_kernel(const T* __restrict__ y, const T* __restrict__ k, int64_t n,
-                                StageTerms sol, StageTerms errw, Tolerances tol, SegmentArgs segs,
-                                T* __restrict__ y1, T* __restrict__ err_out,
-                                double* __restrict__ partials, unsigned int* __restrict__ ticket,
-                                double* __restrict__ ratio) {
-  const int s = blockIdx.y;
-  const int64_t seg_begin = s == 0 ? 0 : segs.seg.end[s - 1];
-  const int64_t seg_end = segs.seg.end[s];
-  const T* rtol = static_cast<const T*>(tol.rtol);
-  const T* atol = static_cast<const T*>(tol.atol);
+struct FinalizeArgs {
+  const T* y;
+  const T* k;
+  const T* rtol;
+  const T* atol;
+  T* y1;
+  T* err_out;               // nullptr unless return_error
+  double* partials;         // [block * seg.count + segment]: each block's sum of squares
+  unsigned int* counters;   // [0] ticket, [1] non-finite flag: both zero before the launch
+  double* ratio;            // 1 value, or seg.count with per_segment
+  int64_t n;
+  StageTerms sol, errw;
+  Segments seg;
+  bool rtol_per_element, atol_per_element, per_segment;
+};
+// Kernel parameters are limited to 4 KB (the kMaxSegments segment ends are most of it).
+static_assert(sizeof(FinalizeArgs<float>) <= 4096 && sizeof(FinalizeArgs<double>) <= 4096,
+              "rk_finalize's kernel arguments exceed CUDA's 4 KB parameter limit");
+
+// max that propagates NaN from either side (fmax drops it).
+__device__ inline double max_or_nan(double a, double b) { return isnan(a) || a > b ? a : b; }
+
+// grid = (blocks, rows): rows 0..seg.count-1 are the norm segments, and a last row, when elements
+// follow the last segment end, is that tail. Each block covers part of one row, writes y1/err,
+// adds its partial sum of squared scaled errors to partials (segment rows only) and raises the
+// non-finite flag if it saw a non-finite y1 (any row). The last block to finish (a ticket counter)
+// folds the partials: thread s sums segment s's partials in block order (deterministic for a given
+// launch shape), then writes each RMS (per_segment) or thread 0 takes their max.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const FinalizeArgs<T> a) {
+  const T* __restrict__ y = a.y;
+  const T* __restrict__ k = a.k;
+  const T* __restrict__ rtol = a.rtol;
+  const T* __restrict__ atol = a.atol;
+  T* __restrict__ y1 = a.y1;
+  T* __restrict__ err_out = a.err_out;
+  const int64_t n = a.n;
+  const int row = blockIdx.y;
+  const bool in_norm = row < a.seg.count;
+  const int64_t begin = in_norm ? a.seg.begin_of(row) : a.seg.tail_begin();
+  const int64_t end = in_norm ? a.seg.end[row] : n;
   double local = 0.0;
+  bool nonfinite = false;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = seg_begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < seg_end;
-       i += stride) {
+  for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride) {
     const T y0 = y[i];
-    const T y1i = y0 + combine(k, n, sol, i);
-    const T e = combine(k, n, errw, i);
+    const T y1i = y0 + combine(k, n, a.sol, i);
     y1[i] = y1i;
-    if (err_out != nullptr) err_out[i] = e;
-    const T rt = rtol[tol.rtol_per_element ? i : 0];
-    const T at = atol[tol.atol_per_element ? i : 0];
-    const T r = e / (at + rt * max(abs(y0), abs(y1i))) + (y1i - y1i);  // NaN when y1 is not finite
-    local += static_cast<double>(r) * static_cast<double>(r);
+    nonfinite = nonfinite || !isfinite(y1i);
+    if (in_norm || err_out != nullptr) {
+      const T e = combine(k, n, a.errw, i);
+      if (err_out != nullptr) err_out[i] = e;
+      if (in_norm) {
+        const T rt = rtol[a.rtol_per_element ? i : 0];
+        const T at = atol[a.atol_per_element ? i : 0];
+        const T r = e / (at + rt * max(abs(y0), abs(y1i)));
+        local += static_cast<double>(r) * static_cast<double>(r);
+      }
+    }
   }
+  const bool block_nonfinite = __syncthreads_or(nonfinite);
   // Block reduction: warp shuffles, then one value per warp through shared memory.
   __shared__ double warp_sums[kThreads / 32];
   for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_down_sync(0xffffffffu, local, offset);
@@ -136,29 +161,43 @@ __global__ void finalize_kernel(const T* __restrict__ y, const T* __restrict__ k
   __syncthreads();
   __shared__ bool last_block;
   if (threadIdx.x == 0) {
-    double block_sum = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) block_sum += warp_sums[w];
-    partials[s * gridDim.x + blockIdx.x] = block_sum;
+    if (in_norm) {
+      double block_sum = 0.0;
+      for (int w = 0; w < kThreads / 32; ++w) block_sum += warp_sums[w];
+      a.partials[static_cast<int64_t>(blockIdx.x) * a.seg.count + row] = block_sum;
+    }
+    if (block_nonfinite) atomicOr(&a.counters[1], 1u);
     __threadfence();
-    const unsigned int done = atomicAdd(ticket, 1u);
+    const unsigned int done = atomicAdd(&a.counters[0], 1u);
     last_block = done == gridDim.x * gridDim.y - 1;
   }
   __syncthreads();
-  if (last_block && threadIdx.x == 0) {
-    __threadfence();
-    double result = 0.0;
-    bool nan = false;
-    for (int sg = 0; sg < gridDim.y; ++sg) {
-      const int64_t begin = sg == 0 ? 0 : segs.seg.end[sg - 1];
-      const int64_t size = segs.seg.end[sg] - begin;
-      if (size == 0) continue;
-      double sumsq = 0.0;  // fixed order: deterministic for a given launch shape
-      for (int b = 0; b < gridDim.x; ++b) sumsq += partials[sg * gridDim.x + b];
-      const double rms = sqrt(sumsq / static_cast<double>(size));
-      nan = nan || isnan(rms);
-      result = fmax(result, rms);
+  if (!last_block) return;  // the rest runs in the last block only (a block-uniform branch)
+  __threadfence();
+  __shared__ bool poisoned;
+  if (threadIdx.x == 0) poisoned = atomicAdd(&a.counters[1], 0u) != 0u;
+  __syncthreads();
+  // A non-finite y1 anywhere, the tail included, makes every value NaN.
+  const double poison = poisoned ? __longlong_as_double(0x7ff8000000000000LL) : 0.0;
+  double largest = 0.0;
+  for (int s = threadIdx.x; s < a.seg.count; s += blockDim.x) {
+    const int64_t size = a.seg.end[s] - a.seg.begin_of(s);
+    double sumsq = 0.0;  // fixed order; __ldcg reads L2, where the other blocks' writes are
+    for (int b = 0; b < gridDim.x; ++b)
+      sumsq += __ldcg(a.partials + static_cast<int64_t>(b) * a.seg.count + s);
+    const double rms = (size == 0 ? 0.0 : sqrt(sumsq / static_cast<double>(size))) + poison;
+    if (a.per_segment) a.ratio[s] = rms;
+    largest = max_or_nan(largest, rms);
+  }
+  if (!a.per_segment) {
+    __shared__ double thread_max[kThreads];
+    thread_max[threadIdx.x] = largest;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double result = 0.0;
+      for (int t = 0; t < kThreads; ++t) result = max_or_nan(result, thread_max[t]);
+      *a.ratio = result;
     }
-    *ratio = nan ? __longlong_as_double(0x7ff8000000000000LL) : result;
   }
 }
 
@@ -203,34 +242,44 @@ std::tuple<Tensor, Tensor, Tensor> rk_finalize_cuda(Tensor y, Tensor k, std::vec
                                                     std::vector<double> b_error, double h,
                                                     Tensor rtol, Tensor atol,
                                                     std::vector<int64_t> segment_ends,
-                                                    bool return_error) {
+                                                    bool return_error, bool per_segment) {
   check_cuda_inputs(y, "rk_finalize");
   torch::stable::accelerator::DeviceGuard guard(y.get_device_index());
-  FinalizeCall call = prepare_finalize(y, k, b, b_error, h, rtol, atol, segment_ends, return_error);
+  FinalizeCall call =
+      prepare_finalize(y, k, b, b_error, h, rtol, atol, segment_ends, return_error, per_segment);
   const int64_t n = call.y.numel();
-  SegmentArgs segs{call.seg};
-  int64_t largest = 0, prev = 0;
-  for (int s = 0; s < segs.seg.count; ++s) {
-    largest = std::max(largest, segs.seg.end[s] - prev);
-    prev = segs.seg.end[s];
-  }
+  const Segments& seg = call.seg;
+  const int64_t tail = n - seg.tail_begin();
+  int64_t largest = tail;
+  for (int s = 0; s < seg.count; ++s) largest = std::max(largest, seg.end[s] - seg.begin_of(s));
   const int blocks = blocks_for(largest);
-  // Scratch: partial sums, then one ticket counter that must start at zero.
-  const int64_t slots = static_cast<int64_t>(blocks) * segs.seg.count + 1;
+  const int rows = seg.count + (tail > 0 ? 1 : 0);  // the segments, then the tail if any
+  // Scratch: partial sums, then one slot for the two counters that must start at zero.
+  const int64_t slots = static_cast<int64_t>(blocks) * seg.count + 1;
   Tensor scratch = new_contiguous(call.y, {slots}, aoti_torch_dtype_float64());
   double* partials = scratch.mutable_data_ptr<double>();
-  unsigned int* ticket = reinterpret_cast<unsigned int*>(partials + slots - 1);
+  unsigned int* counters = reinterpret_cast<unsigned int*>(partials + slots - 1);
   cudaStream_t stream = current_stream(call.y);
-  FLASHODE_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(double), stream));
-  Tolerances tol{call.rtol.const_data_ptr(), call.atol.const_data_ptr(), call.rtol.numel() != 1,
-                 call.atol.numel() != 1};
-  const dim3 grid(blocks, segs.seg.count);
+  FLASHODE_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(double), stream));
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    finalize_kernel<T><<<grid, kThreads, 0, stream>>>(
-        call.y.const_data_ptr<T>(), call.k.const_data_ptr<T>(), n, call.sol, call.errw, tol, segs,
-        call.y1.mutable_data_ptr<T>(), return_error ? call.err.mutable_data_ptr<T>() : nullptr,
-        partials, ticket, call.ratio.mutable_data_ptr<double>());
+    FinalizeArgs<T> args{call.y.const_data_ptr<T>(),
+                         call.k.const_data_ptr<T>(),
+                         call.rtol.const_data_ptr<T>(),
+                         call.atol.const_data_ptr<T>(),
+                         call.y1.mutable_data_ptr<T>(),
+                         return_error ? call.err.mutable_data_ptr<T>() : nullptr,
+                         partials,
+                         counters,
+                         call.ratio.mutable_data_ptr<double>(),
+                         n,
+                         call.sol,
+                         call.errw,
+                         seg,
+                         call.rtol.numel() != 1,
+                         call.atol.numel() != 1,
+                         per_segment};
+    finalize_kernel<T><<<dim3(blocks, rows), kThreads, 0, stream>>>(args);
   };
   if (call.y.scalar_type() == ScalarType::Double) launch(double{}); else launch(float{});
   FLASHODE_CUDA_CHECK(cudaGetLastError());

@@ -94,10 +94,12 @@ def _register_fake_and_autograd() -> None:
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "rk_finalize")
-    def _(y, k, b, b_error, h, rtol, atol, segment_ends, return_error):  # type: ignore[no-untyped-def]
+    def _(y, k, b, b_error, h, rtol, atol, segment_ends, return_error, per_segment=False):  # type: ignore[no-untyped-def]
         y1 = torch.empty_like(y, memory_format=torch.contiguous_format)
         err = torch.empty_like(y1) if return_error else y.new_empty(0)
-        return y1, err, y.new_empty((), dtype=torch.float64)
+        # per_segment: one RMS per segment ([] is one segment), else their max as a 0-dim tensor
+        ratio_shape = (max(len(segment_ends), 1),) if per_segment else ()
+        return y1, err, y.new_empty(ratio_shape, dtype=torch.float64)
 
     @torch.library.register_fake(lib + "rk_dense")
     def _(y: Tensor, k: Tensor, poly: list[float], theta: list[float], h: float) -> Tensor:
@@ -113,7 +115,9 @@ def _register_fake_and_autograd() -> None:
     torch.library.register_autograd(lib + "rk_stage", stage_backward, setup_context=stage_setup)
 
     def finalize_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
-        y, k, b, b_error, h, *_, return_error = inputs
+        # inputs: (y, k, b, b_error, h, rtol, atol, segment_ends, return_error, per_segment)
+        k, b, b_error, h = inputs[1:5]
+        return_error = inputs[8]
         ctx.k_shape = k.shape
         ctx.return_error = return_error
         ctx.b = [h * c for c in b]
@@ -126,7 +130,8 @@ def _register_fake_and_autograd() -> None:
             grads.append(grad_err)
             weights.append(ctx.e)
         grad_k = _stage_grad(torch.stack(grads), ctx.k_shape, weights)
-        return grad_y1, grad_k, None, None, None, None, None, None, None
+        # y, k, then b, b_error, h, rtol, atol, segment_ends, return_error, per_segment
+        return grad_y1, grad_k, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(lib + "rk_finalize", finalize_backward, setup_context=finalize_setup)
 
@@ -193,7 +198,8 @@ class NoGradOps:
             torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
         )
         # OpOverload.redispatch is a thin Python wrapper around the handle's boxed redispatch;
-        # calling the handle directly saves a frame per op.
+        # calling the handle directly saves a frame per op. (It fills in schema defaults such as
+        # rk_finalize's per_segment, but the solvers pass every argument anyway.)
         stage = torch.ops.flashode.rk_stage.default._handle.redispatch_boxed
         finalize = torch.ops.flashode.rk_finalize.default._handle.redispatch_boxed
         dense = torch.ops.flashode.rk_dense.default._handle.redispatch_boxed

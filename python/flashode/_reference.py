@@ -57,6 +57,7 @@ def rk_finalize(
     atol: Tensor,
     segment_ends: list[int],
     return_error: bool,
+    per_segment: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check(y, k, max(len(b), len(b_error)), "rk_finalize")
     n = y.numel()
@@ -66,20 +67,26 @@ def rk_finalize(
         if tol.dtype != y.dtype:
             raise RuntimeError(f"flashode.rk_finalize: {name} must have the state's dtype")
     ends = list(segment_ends) if segment_ends else [n]
-    if ends[-1] != n or any(e1 < e0 for e0, e1 in zip([0] + ends[:-1], ends)):
-        raise RuntimeError("flashode.rk_finalize: segment_ends must be non-decreasing and end at the state size")
+    begins = [0] + ends[:-1]
+    if any(end < begin for begin, end in zip(begins, ends)):
+        raise RuntimeError("flashode.rk_finalize: segment_ends must be non-negative and non-decreasing")
+    if ends[-1] > n:
+        raise RuntimeError(
+            f"flashode.rk_finalize: the last segment end ({ends[-1]}) must not exceed the state size ({n})"
+        )
     y1 = _combine(y, k, [h * c for c in b])
     err = _combine(torch.zeros_like(y), k, [h * c for c in b_error])
-    scale = atol.reshape(-1) + rtol.reshape(-1) * torch.maximum(y.reshape(-1).abs(), y1.reshape(-1).abs())
-    # (y1 - y1) is 0 for finite y1 and NaN otherwise: a non-finite new state poisons the ratio.
-    scaled = (err.reshape(-1) / scale + (y1.reshape(-1) - y1.reshape(-1))).double()
-    ratio = torch.zeros((), dtype=torch.float64, device=y.device)
-    begin = 0
-    for end in ends:
-        if end > begin:
-            rms = scaled[begin:end].pow(2).mean().sqrt()
-            ratio = torch.maximum(ratio, rms)  # propagates NaN
-        begin = end
+    flat_y1 = y1.detach().reshape(-1)
+    scale = atol.reshape(-1) + rtol.reshape(-1) * torch.maximum(y.detach().reshape(-1).abs(), flat_y1.abs())
+    scaled = (err.detach().reshape(-1) / scale).double()
+    # One RMS per segment (0 for an empty one); the elements after the last end are in none.
+    zero = torch.zeros((), dtype=torch.float64, device=y.device)
+    rms = torch.stack(
+        [scaled[begin:end].pow(2).mean().sqrt() if end > begin else zero for begin, end in zip(begins, ends)]
+    )
+    # A non-finite y1 anywhere, the excluded tail included, makes every value NaN.
+    rms = torch.where(torch.isfinite(flat_y1).all(), rms, math.nan)
+    ratio = rms if per_segment else rms.amax()  # amax propagates NaN
     err_out = err if return_error else y.new_empty(0)
     return y1, err_out, ratio.detach()
 
