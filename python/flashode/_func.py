@@ -30,7 +30,7 @@ def _flat_to_shape(flat: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]
     parts, start = [], 0
     for shape in shapes:
         stop = start + shape.numel()
-        parts.append(flat[..., start:stop].view(*flat.shape[:-1], *shape))
+        parts.append(flat[..., start:stop].view(flat.shape[:-1] + shape))
         start = stop
     return tuple(parts)
 
@@ -89,9 +89,21 @@ class VectorField:
         if self.tuple_shapes is None:
             out = self.func(t, y)
             if not isinstance(out, Tensor) or out.shape != self.state_shape:
-                raise _shape_error(out, self.state_shape, self.user_time(tau))
+                self.checked_parts(out, tau)  # raises, naming the problem
             return out
-        out = self.func(t, _flat_to_shape(y, self.tuple_shapes))
+        parts = self.checked_parts(self.func(t, _flat_to_shape(y, self.tuple_shapes)), tau)
+        return torch.cat([o.reshape(-1) for o in parts])
+
+    def shape(self, flat: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """The user's view of a flat state: itself, or the tuple of parts."""
+        return flat.view(self.state_shape) if self.tuple_shapes is None else _flat_to_shape(flat, self.tuple_shapes)
+
+    def checked_parts(self, out: object, tau: float) -> tuple[Tensor, ...]:
+        """func's output as a tuple of parts, each checked against the state's shape."""
+        if self.tuple_shapes is None:
+            if not isinstance(out, Tensor) or out.shape != self.state_shape:
+                raise _shape_error(out, self.state_shape, self.user_time(tau))
+            return (out,)
         if not isinstance(out, (tuple, list)) or len(out) != len(self.tuple_shapes):
             raise TypeError(
                 f"func must return a tuple of {len(self.tuple_shapes)} tensors matching the tuple y0, "
@@ -101,7 +113,12 @@ class VectorField:
             # Parts are flattened, as torchdiffeq does, so only their sizes must agree.
             if not isinstance(o, Tensor) or o.numel() != shape.numel():
                 raise _shape_error(o, shape, self.user_time(tau), f"part {part} of ")
-        return torch.cat([o.reshape(-1) for o in out])
+        return tuple(out)
+
+    def into(self, out: Tensor, tau: float, y: Tensor, perturb: Perturb = Perturb.NONE) -> None:
+        """Writes f(tau, y) into `out` (a stage row). Fields that can produce f in place (the
+        adjoint's augmented dynamics) override this to skip the copy."""
+        out.copy_(self(tau, y, perturb))
 
 
 def _shape_error(out: object, shape: torch.Size, t: float, part: str = "") -> Exception:

@@ -7,7 +7,9 @@ states, non-finite y0, wrongly shaped func outputs).
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from ._func import VectorField, _flat_to_shape
 from .solvers import SOLVER_NAMES, make_solver
+from .solvers.common import StateLayout
 
 __all__ = ["odeint"]
 
@@ -42,14 +45,73 @@ def odeint(
     / perturb). Gradients flow through the solve by autograd; see `odeint_adjoint` for constant
     memory.
     """
+    check_event_fn(event_fn, t)
+    problem = prepare_problem(func, y0, t, rtol, atol, method, options)
+    return problem.unflatten(problem.solve())
+
+
+def check_event_fn(event_fn: Callable[..., Any] | None, t: Tensor) -> None:
     if event_fn is not None:
         if len(t) != 2:
             raise ValueError(f"We require len(t) == 2 when in event handling mode, but got len(t)={len(t)}.")
         raise NotImplementedError(
-            "flashode.odeint: event_fn is not supported yet; use torchdiffeq for event handling until "
+            "flashode: event_fn is not supported yet; use torchdiffeq for event handling until "
             "flashode's odeint_event lands"
         )
 
+
+@dataclass
+class Problem:
+    """A checked odeint call, as the solvers see it: a flat state (y0 itself for a tensor state,
+    the parts concatenated for a tuple), increasing internal times tau = direction * t, and what
+    a solver needs besides."""
+
+    func: Callable[..., Any]
+    y0: Tensor
+    tuple_shapes: list[torch.Size] | None
+    t: Tensor
+    tau: list[float]
+    direction: float
+    time_dtype: torch.dtype
+    method: str
+    rtol: Any
+    atol: Any
+    options: dict[str, Any]
+    field: VectorField
+
+    def layout(self) -> StateLayout:
+        ends: list[int] = []
+        if self.tuple_shapes is not None and len(self.tuple_shapes) > 1:
+            ends = list(itertools.accumulate(shape.numel() for shape in self.tuple_shapes))
+        return StateLayout(self.field.shape, ends)
+
+    def solve(self) -> Tensor:
+        """The flat solution at every time: shape (len(t), *y0.shape)."""
+        if len(self.tau) == 1:
+            return self.y0.unsqueeze(0).clone()  # a fresh tensor, never a view of the caller's y0
+        solver = make_solver(
+            self.method, self.field, self.y0, rtol=self.rtol, atol=self.atol, options=dict(self.options),
+            func=self.func, layout=self.layout(), direction=self.direction, time_dtype=self.time_dtype,
+        )
+        return solver.integrate(self.tau)
+
+    def unflatten(self, out: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return out if self.tuple_shapes is None else _flat_to_shape(out, self.tuple_shapes)
+
+
+def prepare_problem(
+    func: Callable[..., Any],
+    y0: Tensor | tuple[Tensor, ...],
+    t: Tensor,
+    rtol: Any,
+    atol: Any,
+    method: str | None,
+    options: dict[str, Any] | None,
+    *,
+    differentiable_t: bool = False,
+) -> Problem:
+    """torchdiffeq's input checks and normalisation (`_check_inputs`). Gradients with respect to
+    t exist only through the adjoint (`differentiable_t`): the solvers keep times on the host."""
     tuple_shapes: list[torch.Size] | None = None
     if not isinstance(y0, Tensor):
         assert isinstance(y0, tuple), "y0 must be either a torch.Tensor or a tuple"
@@ -77,36 +139,27 @@ def odeint(
         assert not rtol.requires_grad, "rtol cannot require gradient"
     if torch.is_tensor(atol):
         assert not atol.requires_grad, "atol cannot require gradient"
-    if t.requires_grad and torch.is_grad_enabled():
+    if t.requires_grad and torch.is_grad_enabled() and not differentiable_t:
         # The solver keeps times on the host (one device read per solve instead of per step), so
         # gradients cannot flow to t: refuse rather than return a silently missing gradient.
         raise NotImplementedError(
             "flashode.odeint does not differentiate with respect to t (t.requires_grad is True); "
-            "pass t.detach() if the time gradient is not needed"
+            "use flashode.odeint_adjoint for time gradients, or pass t.detach() if they are not needed"
         )
     if t.device != y0_flat.device:
         warnings.warn("t is not on the same device as y0. Coercing to y0.device.")
         t = t.to(y0_flat.device)
 
     direction = -1.0 if reversed_time else 1.0
-    field = VectorField(func, y0_flat, direction, tuple_shapes)
-    time_dtype = options.pop("dtype", torch.float64)
-    time_dtype = torch.promote_types(time_dtype, y0_flat.dtype)
+    time_dtype = torch.promote_types(options.pop("dtype", torch.float64), y0_flat.dtype)
     # Internal time tau = direction * t, increasing, as host floats in the time dtype.
     tau = [direction * x for x in t_host]
     if time_dtype == torch.float32:
         tau = [float(np.float32(x)) for x in tau]
-    if len(tau) == 1:
-        out = y0_flat.unsqueeze(0).clone()  # a fresh tensor, never a view of the caller's y0
-    else:
-        solver = make_solver(
-            method, field, y0_flat, rtol=rtol, atol=atol, options=options, func=func,
-            tuple_shapes=tuple_shapes, direction=direction, time_dtype=time_dtype,
-        )
-        out = solver.integrate(tau)
-    if tuple_shapes is not None:
-        return _flat_to_shape(out, tuple_shapes)
-    return out
+    return Problem(
+        func, y0_flat, tuple_shapes, t, tau, direction, time_dtype, method, rtol, atol, options,
+        VectorField(func, y0_flat, direction, tuple_shapes),
+    )
 
 
 def _tuple_tol(name: str, tol: Any, shapes: list[torch.Size]) -> Any:

@@ -9,9 +9,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._func import VectorField, _flat_to_shape
+from .._func import VectorField
 from ..tableaus import ADAPTIVE, FIXED
-from .common import Callbacks, ErrorNorm
+from .common import Callbacks, ErrorNorm, NormFn, StateLayout
 from .fixed_grid import FixedGridRKSolver
 from .rk_adaptive import AdaptiveOptions, AdaptiveRKSolver
 
@@ -78,11 +78,14 @@ def make_solver(
     atol: Any,
     options: dict[str, Any],
     func: Callable[..., Any],
-    tuple_shapes: list[torch.Size] | None,
+    layout: StateLayout,
     direction: float,
     time_dtype: torch.dtype,
+    callback_suffix: str = "",
 ) -> AdaptiveRKSolver | FixedGridRKSolver:
-    callbacks = Callbacks(func, tuple_shapes, time_dtype)
+    """A solver for `method` over the flat state y0. `func` is what grid constructors receive and
+    where callbacks are looked up (with `callback_suffix`)."""
+    callbacks = Callbacks(func, layout.shape, time_dtype, callback_suffix)
     if method in FIXED:
         unknown = set(options) - _FIXED_OPTIONS - {"norm"}  # torchdiffeq drops `norm` silently
         if unknown:
@@ -95,7 +98,7 @@ def make_solver(
         if grid_constructor is not None:
             # The constructor sees user time; the solver works in internal time tau = direction * t.
             def user_grid(tau: Tensor) -> Tensor:
-                return direction * grid_constructor(func, _shaped(y0, tuple_shapes), direction * tau)
+                return direction * grid_constructor(func, layout.shape(y0), direction * tau)
         return FixedGridRKSolver(
             field, y0, FIXED[method],
             step_size=None if step_size is None else abs(_as_float(step_size)),
@@ -109,15 +112,10 @@ def make_solver(
     if unknown:
         warnings.warn("{}: Unexpected arguments {}".format("AdaptiveRKSolver", {k: options[k] for k in unknown}))
     n = y0.numel()
-    segment_ends: list[int] = []
-    if tuple_shapes is not None and len(tuple_shapes) > 1:
-        total = 0
-        for shape in tuple_shapes:
-            total += shape.numel()
-            segment_ends.append(total)
     norm = ErrorNorm(
-        _tolerance(rtol, y0, "rtol"), _tolerance(atol, y0, "atol"), segment_ends,
-        options.get("norm"), tuple_shapes,
+        _tolerance(rtol, y0, "rtol"), _tolerance(atol, y0, "atol"), layout.segment_ends,
+        layout.norm if layout.norm is not None else _user_norm(options.get("norm"), layout.shape),
+        layout.per_segment,
     )
     if norm.rtol.numel() not in (1, n) or norm.atol.numel() not in (1, n):
         raise ValueError(f"rtol/atol must be scalars or have one value per state element ({n})")
@@ -142,5 +140,8 @@ def make_solver(
     return AdaptiveRKSolver(field, y0, ADAPTIVE[method], norm, opts, callbacks)
 
 
-def _shaped(y0: Tensor, tuple_shapes: list[torch.Size] | None) -> Any:
-    return y0 if tuple_shapes is None else _flat_to_shape(y0, tuple_shapes)
+def _user_norm(norm: Callable[[Any], Any] | None, shape: Callable[[Tensor], Any]) -> NormFn | None:
+    """`options['norm']` (called on the user's view of the state) adapted to the flat state."""
+    if norm is None:
+        return None
+    return lambda flat, _segments: float(norm(shape(flat)))

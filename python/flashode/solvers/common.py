@@ -4,59 +4,88 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._func import VectorField, _flat_to_shape
+from .._func import VectorField
 from ..errors import SolverError
+
+# A norm adapted to the flat state: (scaled error, each segment's RMS or None) -> float.
+NormFn = Callable[[Tensor, "list[float] | None"], float]
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """How a solver's flat state looks from outside.
+
+    `shape` gives the user's view of a flat state (for callbacks, grid constructors and norms).
+    The default error norm is the largest RMS over `segment_ends` (cumulative; [] = the whole
+    state): one segment is torchdiffeq's `_rms_norm`, one per tuple part its `_mixed_norm`.
+    Elements past the last end are not error-controlled (the adjoint's seminorm). `norm`, when
+    set, replaces both the default and `options['norm']`; with `per_segment` it also receives each
+    segment's RMS, computed by the kernel in the same pass.
+    """
+
+    shape: Callable[[Tensor], Any]
+    segment_ends: list[int] = field(default_factory=list)
+    norm: NormFn | None = None
+    per_segment: bool = False
+
+
+def nan_max(values: Sequence[float]) -> float:
+    """max() that returns NaN if any value is NaN (Python's max depends on the order)."""
+    result = 0.0
+    for v in values:
+        if math.isnan(v):
+            return math.nan
+        result = max(result, v)
+    return result
+
+
+def segment_rms(flat: Tensor, segment_ends: list[int]) -> list[float]:
+    """Each segment's RMS of a flat tensor (see StateLayout), in one device read."""
+    bounds = list(zip([0] + segment_ends[:-1], segment_ends or [flat.numel()]))
+    norms = torch.stack([torch.linalg.vector_norm(flat[a:b]) for a, b in bounds])
+    return [v / math.sqrt(max(b - a, 1)) for v, (a, b) in zip(norms.tolist(), bounds)]
 
 
 class ErrorNorm:
-    """How a step's scaled error becomes one number.
+    """How a step's scaled error becomes one number (see StateLayout).
 
-    Default: RMS over the state (torchdiffeq's `_rms_norm`), or for tuple states the largest RMS of
-    any component (`_mixed_norm`): both are computed inside `rk_finalize` from segment ends. A
-    user norm (`options['norm']`) is applied in Python to the error the kernel returns.
+    Without a custom norm the number comes from `rk_finalize` with no extra pass; a custom norm is
+    applied in Python to the error the kernel returns, divided by the tolerance scale.
     """
 
     def __init__(
-        self,
-        rtol: Tensor,
-        atol: Tensor,
-        segment_ends: list[int],
-        custom: Callable[[Any], Any] | None,
-        tuple_shapes: list[torch.Size] | None,
+        self, rtol: Tensor, atol: Tensor, segment_ends: list[int], custom: NormFn | None, per_segment: bool
     ) -> None:
         self.rtol = rtol
         self.atol = atol
         self.segment_ends = segment_ends
         self.custom = custom
-        self.tuple_shapes = tuple_shapes
+        self.per_segment = per_segment and custom is not None
         self.saw_non_finite = False
 
     def apply(self, x: Tensor) -> float:
-        """The norm of a (flat-or-shaped) state-like tensor, read to the host."""
-        if self.custom is not None:
-            arg = x if self.tuple_shapes is None else _flat_to_shape(x.reshape(-1), self.tuple_shapes)
-            return float(self.custom(arg))
+        """The norm of a flat state-like tensor, read to the host."""
         flat = x.reshape(-1)
-        ends = self.segment_ends or [flat.numel()]
-        if len(ends) == 1:
-            return torch.linalg.vector_norm(flat).item() / math.sqrt(max(flat.numel(), 1))
-        norms = torch.stack([torch.linalg.vector_norm(flat[a:b]) for a, b in zip([0] + ends[:-1], ends)])
-        sizes = [max(b - a, 1) for a, b in zip([0] + ends[:-1], ends)]
-        return max(v / math.sqrt(n) for v, n in zip(norms.tolist(), sizes))
+        if self.custom is not None:
+            return float(self.custom(flat, segment_rms(flat, self.segment_ends) if self.per_segment else None))
+        return nan_max(segment_rms(flat, self.segment_ends))
 
     def ratio(self, ratio_t: Tensor, err: Tensor, y0: Tensor, y1: Tensor) -> float:
         """The step's error ratio as a host float (the step's one device->host read)."""
         if self.custom is None:
             value = ratio_t.item()
         else:
-            tol = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
-            value = abs(self.apply(err / tol))
+            with torch.no_grad():  # step-size control is not differentiated
+                tol = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
+                segments = ratio_t.tolist() if self.per_segment else None
+                value = abs(float(self.custom((err / tol).reshape(-1), segments)))
         if not math.isfinite(value):
             self.saw_non_finite = True
         return value
@@ -106,22 +135,24 @@ class _FreshRows:
 
 
 class Callbacks:
-    """torchdiffeq's optional `callback_step/accept_step/reject_step` methods on func."""
+    """torchdiffeq's optional `callback_step/accept_step/reject_step` methods on func (with
+    `suffix="_adjoint"`, the `callback_step_adjoint`... methods the adjoint solve calls)."""
 
-    def __init__(self, func: Any, tuple_shapes: list[torch.Size] | None, time_dtype: torch.dtype) -> None:
-        self.tuple_shapes = tuple_shapes
+    def __init__(
+        self, func: Any, shape: Callable[[Tensor], Any], time_dtype: torch.dtype, suffix: str = ""
+    ) -> None:
+        self.shape = shape
         self.time_dtype = time_dtype
-        self._step = getattr(func, "callback_step", None)
-        self._accept = getattr(func, "callback_accept_step", None)
-        self._reject = getattr(func, "callback_reject_step", None)
+        self._step = getattr(func, "callback_step" + suffix, None)
+        self._accept = getattr(func, "callback_accept_step" + suffix, None)
+        self._reject = getattr(func, "callback_reject_step" + suffix, None)
 
     def _call(self, cb: Callable[..., Any] | None, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
         if cb is None:
             return
         # torchdiffeq hands callbacks its time-dtype tensors (float64 by default), not y's dtype.
         t = torch.scalar_tensor(field.user_time(t0), dtype=self.time_dtype, device=y0.device)
-        y = y0 if self.tuple_shapes is None else _flat_to_shape(y0, self.tuple_shapes)
-        cb(t, y, torch.scalar_tensor(dt, dtype=self.time_dtype, device=y0.device))
+        cb(t, self.shape(y0), torch.scalar_tensor(dt, dtype=self.time_dtype, device=y0.device))
 
     def step(self, field: VectorField, t0: float, y0: Tensor, dt: float) -> None:
         self._call(self._step, field, t0, y0, dt)

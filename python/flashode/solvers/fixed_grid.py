@@ -88,8 +88,10 @@ class FixedGridRKSolver:
             return grid
         return list(t)
 
-    def integrate(self, t: list[float]) -> Tensor:
-        y0, field = self.y0, self.field
+    def integrate(self, t: list[float], y0: Tensor | None = None) -> Tensor:
+        """Solution at the increasing internal times t, from y0 (default: the solver's y0)."""
+        y0 = self.y0 if y0 is None else y0
+        field = self.field
         grid = self.grid(t)
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
@@ -105,9 +107,9 @@ class FixedGridRKSolver:
             for i in range(1, self.stages):
                 yi = ops.rk_stage(y0, k, self.rows[i], h)
                 if self.tab.c[i] == 1.0:
-                    k_rows[i].copy_(field(t1, yi, Perturb.PREV if self.perturb else Perturb.NONE))
+                    field.into(k_rows[i], t1, yi, Perturb.PREV if self.perturb else Perturb.NONE)
                 else:
-                    k_rows[i].copy_(field(t0 + self.tab.c[i] * dt, yi))
+                    field.into(k_rows[i], t0 + self.tab.c[i] * dt, yi)
             y1 = ops.rk_stage(y0, k, self.b, h)
             self.n_steps += 1
             first = j
@@ -115,7 +117,7 @@ class FixedGridRKSolver:
                 j += 1
             if j > first:
                 if extra:
-                    k_rows[self.stages].copy_(field(t1, y1))
+                    field.into(k_rows[self.stages], t1, y1)
                 chunk = ops.rk_dense(y0, k, self.dense, [(t[m] - t0) / dt for m in range(first, j)], h)
                 if not bool(torch.isfinite(chunk).all()):
                     raise SolverError(

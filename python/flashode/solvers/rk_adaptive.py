@@ -74,17 +74,22 @@ class AdaptiveRKSolver:
         self.b_error = list(tableau.b_error or ())
         self.dense = [p for row in tableau.dense for p in row]
         self.n_steps = self.n_accepted = 0
+        self.next_dt: float | None = None  # the step proposed after the last solve (to resume from)
         self._round = (lambda x: float(np.float32(x))) if options.time_float32 else (lambda x: x)
 
-    def integrate(self, t: list[float]) -> Tensor:
-        """Solution at the increasing internal times t (t[0] is the initial time)."""
-        y0, field, tab, opts = self.y0, self.field, self.tab, self.opts
+    def integrate(self, t: list[float], y0: Tensor | None = None, first_step: float | None = None) -> Tensor:
+        """Solution at the increasing internal times t (t[0] is the initial time), from y0 (default:
+        the state the solver was made for) with a first step of `first_step` (default: the option,
+        else Hairer's heuristic)."""
+        y0 = self.y0 if y0 is None else y0
+        field, tab, opts = self.field, self.tab, self.opts
+        first_step = opts.first_step if first_step is None else first_step
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
         buffers = StageBuffers(y0, self.stages, record_graph)
 
         t0 = t[0]
-        if opts.first_step is None:
+        if first_step is None:
             f0 = field(t0, y0)
             # The starting-step heuristic reads norms of y0 and f0 to the host anyway and checks
             # them for non-finite values on the way, with no extra device read.
@@ -93,7 +98,7 @@ class AdaptiveRKSolver:
             check_finite_start(field, t0, y0, None)  # before func ever sees y0
             f0 = field(t0, y0)
             check_finite_start(field, t0, None, f0)
-            dt = float(opts.first_step)
+            dt = float(first_step)
         step_t = _future_times(opts.step_t, t0)
         jump_t = _future_times(opts.jump_t, t0)
         if len(set(step_t + jump_t)) != len(step_t) + len(jump_t):
@@ -129,12 +134,12 @@ class AdaptiveRKSolver:
             for i, row, c in stage_plan:
                 yi = rk_stage(y0, k, row, h)
                 if c == 1.0:  # stages at the step's end see t1 from just before (torchdiffeq)
-                    k_rows[i].copy_(field(t1, yi, Perturb.PREV))
+                    field.into(k_rows[i], t1, yi, Perturb.PREV)
                 else:
-                    k_rows[i].copy_(field(self._round(t0 + c * dt), yi))
+                    field.into(k_rows[i], self._round(t0 + c * dt), yi)
             y1, err, ratio_t = ops.rk_finalize(
                 y0, k, self.b, self.b_error, h, self.norm.rtol, self.norm.atol,
-                self.norm.segment_ends, self.norm.custom is not None,
+                self.norm.segment_ends, self.norm.custom is not None, self.norm.per_segment,
             )
             ratio = self.norm.ratio(ratio_t, err, y0, y1)  # the one host read of the step
             self.n_steps += 1
@@ -173,6 +178,7 @@ class AdaptiveRKSolver:
                 # The buffer holding f0 is reused two attempts later; keep the copy in this one.
                 f0 = k_rows[0]
             dt = min(max(optimal_step_size(dt, ratio, opts, tab.order), opts.min_step), opts.max_step)
+        self.next_dt = dt
         return torch.cat(outputs)
 
     def _underflow_message(self, t0: float, dt: float) -> str:
