@@ -1,6 +1,7 @@
 """flashode: neural ODE solvers for PyTorch with fused C++/CUDA Runge–Kutta kernels.
 
-A drop-in for torchdiffeq: `import flashode as torchdiffeq` and `odeint` behaves the same.
+A drop-in for torchdiffeq: `import flashode as torchdiffeq` and `odeint` / `odeint_adjoint` behave
+the same.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._config import show_config
+from .adjoint import odeint_adjoint
 from .errors import SolverError
 from .odeint import odeint
 
-__all__ = ["odeint", "show_config", "SolverError", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "show_config", "SolverError", "__version__"]

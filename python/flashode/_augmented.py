@@ -1,0 +1,223 @@
+"""The adjoint system of an ODE solve, as one flat state the fused kernels integrate.
+
+For dy/dt = f(t, y, theta) and a loss L, the adjoint a = dL/dy obeys da/dt = -a^T df/dy, and the
+gradients with respect to theta and t accumulate as d(dL/dtheta)/dt = -a^T df/dtheta and
+d(dL/dt)/dt = -a^T df/dt, integrated backwards in time (Chen et al. 2018, appendix B). The
+augmented state is one contiguous buffer
+
+    [ y (n) | a (n) | t-adjoint (1) | dL/dtheta_1 | ... | dL/dtheta_P ]
+
+so every solver pass (stages, finalisation with the error norm, interpolation) is one kernel over
+all of it. y comes first so func sees an aligned, contiguous state; the parameter channels come
+last so the seminorm is "every segment but the tail" (see `StateLayout`).
+
+The user-visible view of the augmented state (adjoint callbacks, adjoint norms, grid constructors)
+is torchdiffeq's tuple `(t_adj, y, adj_y, *adj_params)`, with y in its flattened forward form (y0's
+shape for a tensor state, (n,) for a tuple state).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ._func import Perturb, VectorField, _flat_to_shape
+from .solvers.common import StateLayout, nan_max, segment_rms
+
+# csrc/common/rk_args.h kMaxSegments: beyond this many norm segments the norm is taken in Python.
+MAX_KERNEL_SEGMENTS = 256
+
+
+class AugmentedDynamics(VectorField):
+    """The adjoint system's right-hand side, written straight into slices of a stage row.
+
+    Each evaluation runs func once under grad and takes one vector-Jacobian product for (y, t,
+    theta) with torch.autograd.grad (benchmarks/adjoint.py --vjp measures it against
+    torch.func.vjp), then copies f and the products into the row with one foreach copy.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        y0: Tensor,
+        tuple_shapes: list[torch.Size] | None,
+        params: tuple[Tensor, ...],
+        t_requires_grad: bool,
+        direction: float,
+    ) -> None:
+        super().__init__(func, y0, direction, tuple_shapes)
+        for p in params:
+            if p.device != y0.device:
+                raise ValueError(
+                    f"odeint_adjoint: adjoint parameter on {p.device} but y0 on {y0.device}; "
+                    "the augmented state holds both, so they must share a device"
+                )
+        self.n = n = y0.numel()
+        self.params = params
+        self.t_requires_grad = t_requires_grad
+        self.param_ends = list(itertools.accumulate((p.numel() for p in params), initial=2 * n + 1))
+        self.size = self.param_ends[-1]
+        # The y leaf func differentiates through: y0's shape, or flat with tuple parts viewed off it.
+        self.leaf_shape = y0.shape if tuple_shapes is None else torch.Size([n])
+        self._zero = torch.zeros((), dtype=y0.dtype, device=y0.device)
+        self._row_views: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    # -- the user's view of the augmented state
+
+    def view(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """torchdiffeq's `(t_adj, y, adj_y, *adj_params)` as views of a flat augmented state."""
+        n = self.n
+        params = [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.param_ends, self.param_ends[1:])]
+        return (flat[2 * n], flat[:n].view(self.leaf_shape), flat[n : 2 * n].view(self.leaf_shape), *params)
+
+    # -- evaluation
+
+    def __call__(self, tau: float, x: Tensor, perturb: Perturb = Perturb.NONE) -> Tensor:
+        out = torch.empty_like(x)
+        self._write(self._views(out), tau, x, perturb)
+        return out
+
+    def into(self, out: Tensor, tau: float, x: Tensor, perturb: Perturb = Perturb.NONE) -> None:
+        # Stage rows are long-lived views of the solver's buffers: their slice views are made once.
+        # The cache holds the row itself, so its id cannot be reused by another tensor.
+        cached = self._row_views.get(id(out))
+        if cached is None or cached[0] is not out:
+            cached = self._row_views[id(out)] = (out, self._views(out))
+        self._write(cached[1], tau, x, perturb)
+
+    def _views(self, out: Tensor) -> list[Tensor]:
+        """Destinations in `out`: f (one per tuple part), then a, t-adjoint, each parameter."""
+        n = self.n
+        f_views = [out[:n].view(self.state_shape)] if self.tuple_shapes is None else list(
+            _flat_to_shape(out[:n], self.tuple_shapes)
+        )
+        return f_views + [out[n : 2 * n].view(self.leaf_shape), out[2 * n]] + [
+            out[a:b].view(p.shape) for p, a, b in zip(self.params, self.param_ends, self.param_ends[1:])
+        ]
+
+    def _write(self, views: list[Tensor], tau: float, x: Tensor, perturb: Perturb) -> None:
+        self.nfe += 1
+        n = self.n
+        t = self.time_tensor(tau, perturb)
+        with torch.enable_grad():
+            y = x[:n].view(self.leaf_shape).detach().requires_grad_()
+            t_in = t.detach().requires_grad_() if self.t_requires_grad else t
+            y_user = y if self.tuple_shapes is None else _flat_to_shape(y, self.tuple_shapes)
+            parts = self.checked_parts(self.func(t_in, y_user), tau)
+            neg_a = torch.neg(x[n : 2 * n])  # the products are linear in a: -a gives -a^T J directly
+            a_parts = (neg_a.view(self.state_shape),) if self.tuple_shapes is None else _flat_to_shape(
+                neg_a, self.tuple_shapes
+            )
+            outputs, grad_outputs = [], []
+            for part, a_part in zip(parts, a_parts):
+                if part.requires_grad:  # a part independent of y, t and theta contributes nothing
+                    outputs.append(part)
+                    grad_outputs.append(a_part if a_part.shape == part.shape else a_part.view(part.shape))
+            inputs = (y, t_in, *self.params) if self.t_requires_grad else (y, *self.params)
+            if outputs:
+                grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+            else:
+                grads = (None,) * len(inputs)
+        if not self.t_requires_grad:
+            grads = (grads[0], self._zero, *grads[1:])
+        parts_count = len(parts)
+        destinations, sources = [], []
+        for view, part in zip(views, parts):
+            destinations.append(view)
+            sources.append(part if part.shape == view.shape else part.reshape(view.shape))
+        for view, grad in zip(views[parts_count:], grads):
+            if grad is None:  # func does not use this input: its product is zero
+                view.zero_()
+            else:
+                destinations.append(view)
+                sources.append(grad)
+        torch._foreach_copy_(destinations, sources)
+
+
+class AdjointNorm:
+    """The error norm torchdiffeq builds for the adjoint state, `adjoint_options['norm']`.
+
+    Called on `(t_adj, y, adj_y, *adj_params)` it returns max(|t_adj|, state_norm(y),
+    state_norm(adj_y), max_i RMS(adj_param_i)), leaving the parameter channels out for the
+    seminorm (Kidger, Chen & Lyons 2021). state_norm is the forward solve's norm: RMS, the mixed
+    norm over tuple parts, or the user's `options['norm']`. The solver does not call this object:
+    while it is the one in adjoint_options, the same norm comes out of the fused finalisation
+    (see `adjoint_layout`); replacing it with another callable makes the solver call that instead.
+    """
+
+    def __init__(
+        self, forward_norm: Callable[[Any], Any] | None, shape: Callable[[Tensor], Any], seminorm: bool
+    ) -> None:
+        self.forward_norm = forward_norm
+        self.shape = shape
+        self.seminorm = seminorm
+
+    def state_norm(self, flat: Tensor) -> Tensor:
+        shaped = self.shape(flat)
+        if self.forward_norm is not None:
+            return torch.as_tensor(self.forward_norm(shaped))
+        parts = (shaped,) if isinstance(shaped, Tensor) else shaped
+        return torch.stack([_rms(p) for p in parts]).max()
+
+    def __call__(self, tensors: tuple[Tensor, ...]) -> Tensor:
+        t, y, adj_y, *adj_params = tensors
+        values = [t.abs(), self.state_norm(y), self.state_norm(adj_y)]
+        if not self.seminorm:
+            values += [_rms(p) for p in adj_params]
+        return torch.stack([v.to(t.dtype).reshape(()) for v in values]).max()
+
+
+def _rms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x) / max(x.numel(), 1) ** 0.5
+
+
+def adjoint_layout(norm: Any, field: AugmentedDynamics) -> StateLayout:
+    """How the adjoint solve takes its error norm, given `adjoint_options['norm']`.
+
+    An AdjointNorm over a default forward norm becomes kernel segments: each y part, each adj_y
+    part, the t-adjoint and (unless seminorm) each parameter, with the max of their RMS taken in
+    the finalisation pass. Over a user forward norm, the kernel still supplies the t-adjoint and
+    parameter RMS values and Python applies the user's norm to y and adj_y. Any other callable is
+    called on the tuple view of the scaled error.
+    """
+    n = field.n
+    if not isinstance(norm, AdjointNorm):
+        if not callable(norm):
+            raise TypeError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}")
+        return StateLayout(field.view, norm=lambda flat, _seg: float(norm(field.view(flat))))
+    param_ends = [] if norm.seminorm else field.param_ends[1:]
+    if norm.forward_norm is None:
+        part_ends = [n] if field.tuple_shapes is None else list(
+            itertools.accumulate(s.numel() for s in field.tuple_shapes)
+        )
+        ends = part_ends + [n + e for e in part_ends] + [2 * n + 1] + param_ends
+        if len(ends) <= MAX_KERNEL_SEGMENTS:
+            return StateLayout(field.view, ends)
+        return StateLayout(field.view, norm=lambda flat, _seg: nan_max(segment_rms(flat, ends)))
+
+    # A user forward norm on y and adj_y; the RMS of the t-adjoint and parameter segments.
+    ends = [n, 2 * n, 2 * n + 1] + param_ends
+    from_kernel = len(ends) <= MAX_KERNEL_SEGMENTS
+
+    def mixed(flat: Tensor, segments: list[float] | None) -> float:
+        rest = (segments if from_kernel else segment_rms(flat, ends))[2:]
+        y_norm = float(norm.state_norm(flat[:n].view(field.leaf_shape)))
+        adj_norm = float(norm.state_norm(flat[n : 2 * n].view(field.leaf_shape)))
+        return nan_max([y_norm, adj_norm, *rest])
+
+    return StateLayout(field.view, ends, norm=mixed, per_segment=from_kernel)
+
+
+def wrap_user_adjoint_norm(
+    norm: Callable[[Any], Any], tuple_shapes: list[torch.Size]
+) -> Callable[[tuple[Tensor, ...]], Any]:
+    """torchdiffeq hands a user's adjoint norm of a tuple state `(t, *y, *adj_y, *adj_params)`."""
+
+    def tuple_norm(tensors: tuple[Tensor, ...]) -> Any:
+        t, y, adj_y, *adj_params = tensors
+        return norm((t, *_flat_to_shape(y, tuple_shapes), *_flat_to_shape(adj_y, tuple_shapes), *adj_params))
+
+    return tuple_norm
