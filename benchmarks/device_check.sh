@@ -10,6 +10,7 @@
 #   3. the CUDA tests: pytest -x -k cuda (markers count as keywords; "no tests matched" is not a failure)
 #   4. python benchmarks/kernels.py --device cuda
 #   5. python benchmarks/overhead.py --device cuda --grad
+#   6. python benchmarks/adjoint.py --device cuda (odeint_adjoint fwd+bwd vs torchdiffeq)
 # then a summary table. Every step's output goes to $OUT (when set; the device tool returns files
 # written there) or to a temporary folder. Exit status: 0 when no step failed.
 #
@@ -139,8 +140,9 @@ if '$DEVICE' == 'cuda' and 'cuda' not in _ops.kernel_devices:
   run_step pytest_cuda 120 --ok-codes "0 5" python -m pytest -q -x -p no:cacheprovider tests -k cuda || true
   run_step kernels 90 python benchmarks/kernels.py --device "$DEVICE" --budget 0.5 "${QUICK_FLAG[@]}" || true
   run_step overhead 90 python benchmarks/overhead.py --device "$DEVICE" --grad "${QUICK_FLAG[@]}" || true
+  run_step adjoint 90 python benchmarks/adjoint.py --device "$DEVICE" "${QUICK_FLAG[@]}" || true
 else
-  for step in show_config pytest_cuda kernels overhead; do record "$step" "skipped (install failed)" 0; done
+  for step in show_config pytest_cuda kernels overhead adjoint; do record "$step" "skipped (install failed)" 0; done
 fi
 
 # summary
@@ -151,7 +153,7 @@ fi
   echo "|---|---|---:|"
   printf '%s\n' "${ROWS[@]}"
 } >"$SUMMARY"
-for step in kernels overhead; do
+for step in kernels overhead adjoint; do
   if [[ -s "$LOG_DIR/$step.log" ]]; then
     { echo; echo "### $step tables"; echo; sed -n '/^|/p;/^Note:/p' "$LOG_DIR/$step.log"; } >>"$SUMMARY"
   fi

@@ -35,8 +35,9 @@ class AugmentedDynamics(VectorField):
     """The adjoint system's right-hand side, written straight into slices of a stage row.
 
     Each evaluation runs func once under grad and takes one vector-Jacobian product for (y, t,
-    theta) with torch.autograd.grad (benchmarks/adjoint.py --vjp measures it against
-    torch.func.vjp), then copies f and the products into the row with one foreach copy.
+    theta) through the autograd engine (torch.autograd.grad's path; benchmarks/adjoint.py --vjp
+    measures it against torch.func.vjp), then copies f and the products into the row with one
+    foreach copy.
     """
 
     def __init__(
@@ -105,36 +106,57 @@ class AugmentedDynamics(VectorField):
         with torch.enable_grad():
             y = x[:n].view(self.leaf_shape).detach().requires_grad_()
             t_in = t.detach().requires_grad_() if self.t_requires_grad else t
-            y_user = y if self.tuple_shapes is None else _flat_to_shape(y, self.tuple_shapes)
-            parts = self.checked_parts(self.func(t_in, y_user), tau)
-            neg_a = torch.neg(x[n : 2 * n])  # the products are linear in a: -a gives -a^T J directly
-            a_parts = (neg_a.view(self.state_shape),) if self.tuple_shapes is None else _flat_to_shape(
-                neg_a, self.tuple_shapes
-            )
-            outputs, grad_outputs = [], []
-            for part, a_part in zip(parts, a_parts):
-                if part.requires_grad:  # a part independent of y, t and theta contributes nothing
-                    outputs.append(part)
-                    grad_outputs.append(a_part if a_part.shape == part.shape else a_part.view(part.shape))
-            inputs = (y, t_in, *self.params) if self.t_requires_grad else (y, *self.params)
-            if outputs:
-                grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+            # -a as the cotangent: the products are linear in it, so they come out negated.
+            if self.tuple_shapes is None:  # the common case, without tuple bookkeeping
+                f = self.func(t_in, y)
+                if not isinstance(f, Tensor) or f.shape != self.state_shape:
+                    self.checked_parts(f, tau)  # raises, naming the problem
+                parts: tuple[Tensor, ...] = (f,)
+                cotangents = (torch.neg(x[n : 2 * n]).view(self.state_shape),)
             else:
-                grads = (None,) * len(inputs)
+                parts = self.checked_parts(self.func(t_in, _flat_to_shape(y, self.tuple_shapes)), tau)
+                cotangents = _flat_to_shape(torch.neg(x[n : 2 * n]), self.tuple_shapes)
+            inputs = (y, t_in, *self.params) if self.t_requires_grad else (y, *self.params)
+            grads = _vjp(parts, cotangents, inputs)
         if not self.t_requires_grad:
             grads = (grads[0], self._zero, *grads[1:])
-        parts_count = len(parts)
-        destinations, sources = [], []
-        for view, part in zip(views, parts):
-            destinations.append(view)
-            sources.append(part if part.shape == view.shape else part.reshape(view.shape))
-        for view, grad in zip(views[parts_count:], grads):
+        sources = [part if part.shape == view.shape else part.reshape(view.shape) for part, view in zip(parts, views)]
+        if all(g is not None for g in grads):
+            torch._foreach_copy_(views, sources + list(grads))
+            return
+        destinations = views[: len(parts)]
+        for view, grad in zip(views[len(parts) :], grads):
             if grad is None:  # func does not use this input: its product is zero
                 view.zero_()
             else:
                 destinations.append(view)
                 sources.append(grad)
         torch._foreach_copy_(destinations, sources)
+
+
+def _vjp(
+    outputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], inputs: tuple[Tensor, ...]
+) -> tuple[Tensor | None, ...]:
+    """sum_i cotangents[i]^T d outputs[i] / d inputs, None where an input is not used.
+
+    Runs the autograd engine directly, as torch.autograd.grad does after normalising its
+    arguments: that normalisation (shape checks, tuple building) costs ~25 us a call, a sizeable
+    part of a small network's evaluation, and the shapes here match by construction.
+    """
+    pairs = [
+        (out, cot if cot.shape == out.shape else cot.view(out.shape))
+        for out, cot in zip(outputs, cotangents)
+        if out.requires_grad  # a part independent of y, t and theta contributes nothing
+    ]
+    if not pairs:
+        return (None,) * len(inputs)
+    outs, cots = zip(*pairs)
+    return _ENGINE.run_backward(outs, cots, False, False, inputs, True, False)
+
+
+# The engine behind torch.autograd.grad: run_backward(outputs, cotangents, keep_graph,
+# create_graph, inputs, allow_unreachable, accumulate_grad).
+_ENGINE = torch.autograd.Variable._execution_engine
 
 
 class AdjointNorm:

@@ -109,6 +109,18 @@ class StageBuffers:
             self.pool_rows = [buf.unbind(0) for buf in self.pool]
             self.turn = 0
 
+    @classmethod
+    def reuse(cls, previous: StageBuffers | None, y0: Tensor, stages: int, record_graph: bool) -> StageBuffers:
+        """The buffers for a solve: a solver run again (the adjoint, interval after interval) keeps
+        its pool, so nothing is reallocated and views of its rows stay valid."""
+        if (
+            previous is not None and not record_graph and not previous.record_graph
+            and previous.shape == (stages, *y0.shape) and previous.like.dtype == y0.dtype
+            and previous.like.device == y0.device
+        ):
+            return previous
+        return cls(y0, stages, record_graph)
+
     def next(self, f0: Tensor) -> tuple[Tensor, Sequence[Tensor]]:
         if self.record_graph:
             k = torch.empty(self.shape, dtype=self.like.dtype, device=self.like.device)

@@ -71,6 +71,7 @@ class FixedGridRKSolver:
         self.rows = [list(r) for r in tableau.a]
         self.b = list(tableau.b)
         self.dense = linear_dense(tableau.b) if interp == "linear" else cubic_hermite_dense(tableau.b)
+        self._buffers: StageBuffers | None = None
         self.n_steps = 0
 
     def grid(self, t: list[float]) -> list[float]:
@@ -96,7 +97,7 @@ class FixedGridRKSolver:
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
         extra = 1 if self.interp == "cubic" else 0
-        buffers = StageBuffers(y0, self.stages + extra, record_graph)
+        buffers = self._buffers = StageBuffers.reuse(self._buffers, y0, self.stages + extra, record_graph)
         outputs: list[Tensor] = [y0.unsqueeze(0)]
         j = 1
         for t0, t1 in zip(grid[:-1], grid[1:]):

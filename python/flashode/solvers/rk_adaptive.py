@@ -73,6 +73,7 @@ class AdaptiveRKSolver:
         self.b = list(tableau.b)
         self.b_error = list(tableau.b_error or ())
         self.dense = [p for row in tableau.dense for p in row]
+        self._buffers: StageBuffers | None = None
         self.n_steps = self.n_accepted = 0
         self.next_dt: float | None = None  # the step proposed after the last solve (to resume from)
         self._round = (lambda x: float(np.float32(x))) if options.time_float32 else (lambda x: x)
@@ -86,7 +87,7 @@ class AdaptiveRKSolver:
         first_step = opts.first_step if first_step is None else first_step
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
-        buffers = StageBuffers(y0, self.stages, record_graph)
+        buffers = self._buffers = StageBuffers.reuse(self._buffers, y0, self.stages, record_graph)
 
         t0 = t[0]
         if first_step is None:
