@@ -237,6 +237,85 @@ def test_different_adjoint_method() -> None:
         assert rel_diff(a, e) <= 1e-5
 
 
+def test_func_using_a_graph_built_outside_it() -> None:
+    # A hypernetwork-style weight computed before the solve: every evaluation backpropagates
+    # through the same outside graph node to the adjoint parameter.
+    w = torch.tensor([[0.3, -1.2], [0.8, 0.1]], dtype=F64, requires_grad=True)
+
+    class Field(torch.nn.Module):
+        def forward(self, t, y):
+            return y @ self.weight.T
+
+    func = Field()
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    grads = []
+    for solve, kwargs in ((flashode.odeint_adjoint, {"adjoint_params": (w,)}), (flashode.odeint, {})):
+        func.weight = torch.tanh(w)
+        out = solve(func, y0, t, rtol=1e-10, atol=1e-12, **kwargs)
+        grads.append(torch.autograd.grad(loss_of(out), [w])[0])
+    assert rel_diff(grads[0], grads[1]) <= 1e-8
+
+
+def test_many_parameter_tensors_beyond_the_kernel_segment_limit() -> None:
+    # 300 parameter tensors: more norm segments than the kernel takes, so the norm moves to Python.
+    params = [torch.tensor(0.01 * (i % 7 - 3), dtype=F64, requires_grad=True) for i in range(300)]
+
+    def func(t, y):
+        return -y * (1.0 + torch.stack(params).sum())
+
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    expected = torch.autograd.grad(flashode.odeint(func, y0, t, rtol=1e-10, atol=1e-12)[-1].sum(), [y0, params[0]])
+    for options in (None, {"norm": lambda y: y.abs().max()}):
+        out = flashode.odeint_adjoint(func, y0, t, rtol=1e-10, atol=1e-12, options=options, adjoint_params=params)
+        actual = torch.autograd.grad(out[-1].sum(), [y0, params[0]])
+        for a, e in zip(actual, expected):
+            assert rel_diff(a, e) <= 1e-6
+
+
+def test_odeint_tuple_state_beyond_the_kernel_segment_limit() -> None:
+    y0 = tuple(torch.full((2,), float(i + 1), dtype=F64) for i in range(300))
+    out = flashode.odeint(lambda t, ys: tuple(-y for y in ys), y0, torch.tensor([0.0, 1.0], dtype=F64))
+    assert len(out) == 300
+    assert torch.allclose(out[17][-1], torch.full((2,), 18 * math.exp(-1.0), dtype=F64), rtol=1e-6)
+
+
+def test_adjoint_grid_constructor_sees_the_augmented_problem_like_torchdiffeq() -> None:
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    func, y0, t = make_problem("sine")
+
+    def run(solve):
+        seen = []
+
+        def grid(f, state, times):
+            # torchdiffeq: the augmented dynamics over its flat state [t_adj, y, adj_y, params], at
+            # the interval's starting state. (Its func and times are in its internal, reversed time
+            # frame; flashode's in user time: only the state is compared.)
+            assert f(times[0], state).shape == state.shape
+            seen.append((state.shape, float(state[1:4].sum()), float(state[4:7].sum())))
+            return torch.linspace(float(times[0]), float(times[-1]), 41, dtype=times.dtype)
+
+        grads = gradients(solve, func, y0, t, adjoint_method="rk4", adjoint_options={"grid_constructor": grid})
+        return seen, grads
+
+    (seen, grads), (seen_tdq, grads_tdq) = run(flashode.odeint_adjoint), run(torchdiffeq.odeint_adjoint)
+    assert len(seen) == len(seen_tdq) == 2
+    for (shape, y_sum, a_sum), (shape_tdq, y_sum_tdq, a_sum_tdq) in zip(seen, seen_tdq):
+        assert shape == shape_tdq
+        assert y_sum == pytest.approx(y_sum_tdq, rel=1e-9) and a_sum == pytest.approx(a_sum_tdq, rel=1e-9)
+    for a, e in zip(grads, grads_tdq):
+        assert rel_diff(a, e) <= 1e-9
+
+
+def test_seminorm_string_set_on_the_node_is_explained() -> None:
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    out = flashode.odeint_adjoint(Linear(), y0, torch.tensor([0.0, 1.0], dtype=F64))
+    out.grad_fn.adjoint_options["norm"] = "seminorm"
+    with pytest.raises(TypeError, match="pass adjoint_options=dict\\(norm='seminorm'\\)"):
+        out.sum().backward()
+
+
 # --------------------------------------------------------------------------- options and norms
 
 

@@ -25,10 +25,7 @@ import torch
 from torch import Tensor
 
 from ._func import Perturb, VectorField, _flat_to_shape
-from .solvers.common import StateLayout, nan_max, segment_rms
-
-# csrc/common/rk_args.h kMaxSegments: beyond this many norm segments the norm is taken in Python.
-MAX_KERNEL_SEGMENTS = 256
+from .solvers.common import MAX_KERNEL_SEGMENTS, StateLayout, nan_max, segment_layout, segment_rms
 
 
 class AugmentedDynamics(VectorField):
@@ -73,6 +70,18 @@ class AugmentedDynamics(VectorField):
         n = self.n
         params = [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.param_ends, self.param_ends[1:])]
         return (flat[2 * n], flat[:n].view(self.leaf_shape), flat[n : 2 * n].view(self.leaf_shape), *params)
+
+    def torchdiffeq_flat(self, flat: Tensor) -> Tensor:
+        """The state in torchdiffeq's flat order, [t_adj | y | adj_y | adj_params]."""
+        n = self.n
+        return torch.cat([flat[2 * n : 2 * n + 1], flat[: 2 * n], flat[2 * n + 1 :]])
+
+    def torchdiffeq_dynamics(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """The augmented right-hand side at user time t, on and in torchdiffeq's flat order: what
+        torchdiffeq hands a grid constructor in the adjoint solve."""
+        n = self.n
+        ours = torch.cat([x[1 : 2 * n + 1], x[:1], x[2 * n + 1 :]])
+        return self.torchdiffeq_flat(self(self.direction * float(t), ours))
 
     # -- evaluation
 
@@ -151,7 +160,9 @@ def _vjp(
     if not pairs:
         return (None,) * len(inputs)
     outs, cots = zip(*pairs)
-    return _ENGINE.run_backward(outs, cots, False, False, inputs, True, False)
+    # keep_graph: func may use tensors computed outside it (a hypernetwork's weights, an encoder's
+    # context), whose graph every evaluation traverses again; func's own graph goes with its output.
+    return _ENGINE.run_backward(outs, cots, True, False, inputs, True, False)
 
 
 # The engine behind torch.autograd.grad: run_backward(outputs, cotangents, keep_graph,
@@ -208,17 +219,17 @@ def adjoint_layout(norm: Any, field: AugmentedDynamics) -> StateLayout:
     n = field.n
     if not isinstance(norm, AdjointNorm):
         if not callable(norm):
-            raise TypeError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}")
+            raise TypeError(
+                f"adjoint_options['norm'] on the graph node must be a callable, got {norm!r} ('seminorm' is "
+                "understood by odeint_adjoint itself: pass adjoint_options=dict(norm='seminorm') to it)"
+            )
         return StateLayout(field.view, norm=lambda flat, _seg: float(norm(field.view(flat))))
     param_ends = [] if norm.seminorm else field.param_ends[1:]
     if norm.forward_norm is None:
         part_ends = [n] if field.tuple_shapes is None else list(
             itertools.accumulate(s.numel() for s in field.tuple_shapes)
         )
-        ends = part_ends + [n + e for e in part_ends] + [2 * n + 1] + param_ends
-        if len(ends) <= MAX_KERNEL_SEGMENTS:
-            return StateLayout(field.view, ends)
-        return StateLayout(field.view, norm=lambda flat, _seg: nan_max(segment_rms(flat, ends)))
+        return segment_layout(field.view, part_ends + [n + e for e in part_ends] + [2 * n + 1] + param_ends)
 
     # A user forward norm on y and adj_y; the RMS of the t-adjoint and parameter segments.
     ends = [n, 2 * n, 2 * n + 1] + param_ends
@@ -230,7 +241,7 @@ def adjoint_layout(norm: Any, field: AugmentedDynamics) -> StateLayout:
         adj_norm = float(norm.state_norm(flat[n : 2 * n].view(field.leaf_shape)))
         return nan_max([y_norm, adj_norm, *rest])
 
-    return StateLayout(field.view, ends, norm=mixed, per_segment=from_kernel)
+    return StateLayout(field.view, ends if from_kernel else [], norm=mixed, per_segment=from_kernel)
 
 
 def wrap_user_adjoint_norm(

@@ -185,6 +185,8 @@ def _integrate_adjoint(
             spec.method, field, x, rtol=spec.rtol, atol=spec.atol, options=options, func=problem.func,
             layout=adjoint_layout(norm, field), direction=field.direction, time_dtype=time_dtype,
             callback_suffix="_adjoint",
+            # torchdiffeq hands a grid constructor the augmented dynamics over its flat state.
+            grid_inputs=(field.torchdiffeq_dynamics, field.torchdiffeq_flat),
         )
         # Each interval starts from the step size the previous one ended with, instead of the
         # initial-step heuristic, when every channel is error-controlled (the default norm). Under

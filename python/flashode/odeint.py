@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._func import VectorField, _flat_to_shape
 from .solvers import SOLVER_NAMES, make_solver
-from .solvers.common import StateLayout
+from .solvers.common import StateLayout, segment_layout
 
 __all__ = ["odeint"]
 
@@ -80,10 +80,9 @@ class Problem:
     field: VectorField
 
     def layout(self) -> StateLayout:
-        ends: list[int] = []
-        if self.tuple_shapes is not None and len(self.tuple_shapes) > 1:
-            ends = list(itertools.accumulate(shape.numel() for shape in self.tuple_shapes))
-        return StateLayout(self.field.shape, ends)
+        if self.tuple_shapes is None or len(self.tuple_shapes) == 1 or "norm" in self.options:
+            return StateLayout(self.field.shape)  # options['norm'], if any, is applied by make_solver
+        return segment_layout(self.field.shape, list(itertools.accumulate(s.numel() for s in self.tuple_shapes)))
 
     def solve(self) -> Tensor:
         """The flat solution at every time: shape (len(t), *y0.shape)."""

@@ -82,9 +82,11 @@ def make_solver(
     direction: float,
     time_dtype: torch.dtype,
     callback_suffix: str = "",
+    grid_inputs: tuple[Callable[..., Any], Callable[[Tensor], Any]] | None = None,
 ) -> AdaptiveRKSolver | FixedGridRKSolver:
-    """A solver for `method` over the flat state y0. `func` is what grid constructors receive and
-    where callbacks are looked up (with `callback_suffix`)."""
+    """A solver for `method` over the flat state y0. Callbacks are looked up on `func` (with
+    `callback_suffix`). A grid constructor receives `grid_inputs`: a func and a view of the state
+    (default: `func` and the layout's user view)."""
     callbacks = Callbacks(func, layout.shape, time_dtype, callback_suffix)
     if method in FIXED:
         unknown = set(options) - _FIXED_OPTIONS - {"norm"}  # torchdiffeq drops `norm` silently
@@ -96,9 +98,12 @@ def make_solver(
         grid_constructor = options.get("grid_constructor")
         user_grid = None
         if grid_constructor is not None:
-            # The constructor sees user time; the solver works in internal time tau = direction * t.
-            def user_grid(tau: Tensor) -> Tensor:
-                return direction * grid_constructor(func, layout.shape(y0), direction * tau)
+            grid_func, view = (func, layout.shape) if grid_inputs is None else grid_inputs
+
+            # The constructor sees user time and the state the solve starts from; the solver works
+            # in internal time tau = direction * t.
+            def user_grid(tau: Tensor, start: Tensor) -> Tensor:
+                return direction * grid_constructor(grid_func, view(start), direction * tau)
         return FixedGridRKSolver(
             field, y0, FIXED[method],
             step_size=None if step_size is None else abs(_as_float(step_size)),

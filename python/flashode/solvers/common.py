@@ -36,6 +36,18 @@ class StateLayout:
     per_segment: bool = False
 
 
+# csrc/common/rk_args.h kMaxSegments: beyond this many norm segments the norm is taken in Python.
+MAX_KERNEL_SEGMENTS = 256
+
+
+def segment_layout(shape: Callable[[Tensor], Any], segment_ends: list[int]) -> StateLayout:
+    """The default norm over `segment_ends`: in the finalisation kernel, or in Python past the
+    kernel's segment limit."""
+    if len(segment_ends) <= MAX_KERNEL_SEGMENTS:
+        return StateLayout(shape, segment_ends)
+    return StateLayout(shape, norm=lambda flat, _segments: nan_max(segment_rms(flat, segment_ends)))
+
+
 def nan_max(values: Sequence[float]) -> float:
     """max() that returns NaN if any value is NaN (Python's max depends on the order)."""
     result = 0.0

@@ -74,7 +74,7 @@ class FixedGridRKSolver:
         self._buffers: StageBuffers | None = None
         self.n_steps = 0
 
-    def grid(self, t: list[float]) -> list[float]:
+    def grid(self, t: list[float], y0: Tensor) -> list[float]:
         if self.step_size is not None:
             # torchdiffeq's construction: ceil((end - start) / step + 1) points, last moved onto t[-1].
             count = int(math.ceil((t[-1] - t[0]) / self.step_size + 1))
@@ -82,7 +82,7 @@ class FixedGridRKSolver:
             grid[-1] = t[-1]
             return grid
         if self.grid_constructor is not None:
-            grid_t = self.grid_constructor(torch.tensor(t, dtype=torch.float64, device=self.y0.device))
+            grid_t = self.grid_constructor(torch.tensor(t, dtype=torch.float64, device=y0.device), y0)
             grid = [float(x) for x in grid_t.tolist()]
             if not (grid[0] == t[0] and grid[-1] == t[-1]):
                 raise AssertionError("grid_constructor must return a grid starting at t[0] and ending at t[-1]")
@@ -93,7 +93,7 @@ class FixedGridRKSolver:
         """Solution at the increasing internal times t, from y0 (default: the solver's y0)."""
         y0 = self.y0 if y0 is None else y0
         field = self.field
-        grid = self.grid(t)
+        grid = self.grid(t, y0)
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
         extra = 1 if self.interp == "cubic" else 0
