@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 from ._config import show_config
 from .adjoint import odeint_adjoint
+from .dense import DenseSolution, odeint_dense
 from .errors import SolverError
 from .odeint import odeint
 
-__all__ = ["odeint", "odeint_adjoint", "show_config", "SolverError", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_dense", "DenseSolution", "show_config", "SolverError", "__version__"]

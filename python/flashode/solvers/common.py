@@ -106,35 +106,35 @@ class ErrorNorm:
 class StageBuffers:
     """The stacked stage buffer k[S, *state] for each step attempt.
 
-    Without a graph to record, two buffers are reused alternately (the carried-over f0 may live in
-    the other one). With autograd each attempt gets a fresh buffer, so no recorded op ever sees its
-    input overwritten.
+    Usually two buffers are reused alternately (the carried-over f0 may live in the other one).
+    `fresh` gives each attempt a new buffer instead: under autograd, so no recorded op ever sees its
+    input overwritten, and when a solve keeps every step's stages (dense output).
     """
 
-    def __init__(self, y0: Tensor, stages: int, record_graph: bool) -> None:
+    def __init__(self, y0: Tensor, stages: int, fresh: bool) -> None:
         self.shape = (stages, *y0.shape)
         self.like = y0
-        self.record_graph = record_graph
+        self.fresh = fresh
         self.stages = stages
-        if not record_graph:
+        if not fresh:
             self.pool = [torch.empty(self.shape, dtype=y0.dtype, device=y0.device) for _ in range(2)]
             self.pool_rows = [buf.unbind(0) for buf in self.pool]
             self.turn = 0
 
     @classmethod
-    def reuse(cls, previous: StageBuffers | None, y0: Tensor, stages: int, record_graph: bool) -> StageBuffers:
+    def reuse(cls, previous: StageBuffers | None, y0: Tensor, stages: int, fresh: bool) -> StageBuffers:
         """The buffers for a solve: a solver run again (the adjoint, interval after interval) keeps
         its pool, so nothing is reallocated and views of its rows stay valid."""
         if (
-            previous is not None and not record_graph and not previous.record_graph
+            previous is not None and not fresh and not previous.fresh
             and previous.shape == (stages, *y0.shape) and previous.like.dtype == y0.dtype
             and previous.like.device == y0.device
         ):
             return previous
-        return cls(y0, stages, record_graph)
+        return cls(y0, stages, fresh)
 
     def next(self, f0: Tensor) -> tuple[Tensor, Sequence[Tensor]]:
-        if self.record_graph:
+        if self.fresh:
             k = torch.empty(self.shape, dtype=self.like.dtype, device=self.like.device)
             rows: Sequence[Tensor] = _FreshRows(k)
         else:

@@ -40,6 +40,16 @@ class AdaptiveOptions:
     time_float32: bool = False
 
 
+@dataclass(frozen=True)
+class AcceptedStep:
+    """One accepted step in internal time: from t0 over dt, starting at y0, with stages k."""
+
+    t0: float
+    dt: float
+    y0: Tensor
+    k: Tensor
+
+
 def optimal_step_size(dt: float, ratio: float, opts: AdaptiveOptions, order: int) -> float:
     """torchdiffeq's integral controller; a non-finite ratio shrinks the step by dfactor."""
     if ratio == 0.0:
@@ -76,6 +86,8 @@ class AdaptiveRKSolver:
         self._buffers: StageBuffers | None = None
         self.n_steps = self.n_accepted = 0
         self.next_dt: float | None = None  # the step proposed after the last solve (to resume from)
+        # Set to a list to keep every accepted step (for dense output over the whole solve).
+        self.accepted_steps: list[AcceptedStep] | None = None
         self._round = (lambda x: float(np.float32(x))) if options.time_float32 else (lambda x: x)
 
     def integrate(self, t: list[float], y0: Tensor | None = None, first_step: float | None = None) -> Tensor:
@@ -87,7 +99,8 @@ class AdaptiveRKSolver:
         first_step = opts.first_step if first_step is None else first_step
         record_graph = torch.is_grad_enabled()
         ops = _ops.ops_for(y0.device, record_graph)
-        buffers = self._buffers = StageBuffers.reuse(self._buffers, y0, self.stages, record_graph)
+        keep_steps = self.accepted_steps is not None
+        buffers = self._buffers = StageBuffers.reuse(self._buffers, y0, self.stages, record_graph or keep_steps)
 
         t0 = t[0]
         if first_step is None:
@@ -159,6 +172,8 @@ class AdaptiveRKSolver:
             if accept:
                 self.callbacks.accept(field, t0, y0, dt)
                 self.n_accepted += 1
+                if keep_steps:  # fresh stage buffers: k is never overwritten
+                    self.accepted_steps.append(AcceptedStep(t0, dt, y0, k))
                 first = next_out
                 while next_out < len(t) and t[next_out] <= t1:
                     next_out += 1
