@@ -11,9 +11,9 @@ so every solver pass (stages, finalisation with the error norm, interpolation) i
 all of it. y comes first so func sees an aligned, contiguous state; the parameter channels come
 last so the seminorm is "every segment but the tail" (see `StateLayout`).
 
-The user-visible view of the augmented state (adjoint callbacks, adjoint norms, grid constructors)
-is torchdiffeq's tuple `(t_adj, y, adj_y, *adj_params)`, with y in its flattened forward form (y0's
-shape for a tensor state, (n,) for a tuple state).
+Adjoint callbacks and adjoint norms see torchdiffeq's tuple `(t_adj, y, adj_y, *adj_params)`, with
+y in its flattened forward form (y0's shape for a tensor state, (n,) for a tuple state); grid
+constructors get torchdiffeq's flat order, [t_adj | y | adj_y | adj_params].
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ class AugmentedDynamics(VectorField):
     def view(self, flat: Tensor) -> tuple[Tensor, ...]:
         """torchdiffeq's `(t_adj, y, adj_y, *adj_params)` as views of a flat augmented state."""
         n = self.n
-        params = [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.param_ends, self.param_ends[1:])]
-        return (flat[2 * n], flat[:n].view(self.leaf_shape), flat[n : 2 * n].view(self.leaf_shape), *params)
+        return (flat[2 * n], flat[:n].view(self.leaf_shape), flat[n : 2 * n].view(self.leaf_shape),
+                *self.param_views(flat))
+
+    def param_views(self, flat: Tensor) -> list[Tensor]:
+        """Each parameter's gradient channel of a flat augmented state, shaped like the parameter."""
+        return [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.param_ends, self.param_ends[1:])]
 
     def torchdiffeq_flat(self, flat: Tensor) -> Tensor:
         """The state in torchdiffeq's flat order, [t_adj | y | adj_y | adj_params]."""
@@ -104,9 +108,7 @@ class AugmentedDynamics(VectorField):
         f_views = [out[:n].view(self.state_shape)] if self.tuple_shapes is None else list(
             _flat_to_shape(out[:n], self.tuple_shapes)
         )
-        return f_views + [out[n : 2 * n].view(self.leaf_shape), out[2 * n]] + [
-            out[a:b].view(p.shape) for p, a, b in zip(self.params, self.param_ends, self.param_ends[1:])
-        ]
+        return f_views + [out[n : 2 * n].view(self.leaf_shape), out[2 * n]] + self.param_views(out)
 
     def _write(self, views: list[Tensor], tau: float, x: Tensor, perturb: Perturb) -> None:
         self.nfe += 1

@@ -219,7 +219,5 @@ def _integrate_adjoint(
     if time_vjps is not None:
         time_vjps[0] = x[2 * n]
     grad_y0 = x[n : 2 * n].view(problem.y0.shape)
-    grad_params = [
-        x[a:b].view(p.shape).to(p.dtype) for p, a, b in zip(params, field.param_ends, field.param_ends[1:])
-    ]
+    grad_params = [g.to(p.dtype) for p, g in zip(params, field.param_views(x))]
     return grad_y0, time_vjps, grad_params
