@@ -448,6 +448,16 @@ def test_finalize_accepts_256_segments(device: str, dtype: torch.dtype, tail: in
 B, B_ERROR = [0.5, 0.5, 0.0, 0.0], [0.0, 0.1, -0.1, 0.0]
 NAN, INF = float("nan"), float("inf")
 N_POISON = 40_000  # three CPU chunks
+
+
+def poison_inputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded y and 4-stage k of N_POISON elements, for the non-finite tests to poison."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(N_POISON, generator=gen, dtype=dtype).to(device)
+    k = torch.randn(4, N_POISON, generator=gen, dtype=dtype).to(device)
+    return y, k
+
+
 SEGMENTS = [1_000, 20_000, N_POISON]
 
 
@@ -470,9 +480,7 @@ SEGMENTS = [1_000, 20_000, N_POISON]
 def test_finalize_non_finite(
     device: str, dtype: torch.dtype, impl: Impl, where: int, target: str, value: float, expected: str
 ) -> None:
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randn(N_POISON, generator=gen, dtype=dtype).to(device)
-    k = torch.randn(4, N_POISON, generator=gen, dtype=dtype).to(device)
+    y, k = poison_inputs(device, dtype)
     finalize = impl("rk_finalize")
     _, _, clean = finalize(y, k, B, B_ERROR, 0.1, *tols(y), SEGMENTS, False, False)
     (y if target == "y" else k[int(target[1])])[where] = value
@@ -514,9 +522,7 @@ def test_finalize_non_finite_with_tail(
     # A non-finite y1 anywhere, the tail in no segment included, makes every ratio value NaN: a
     # blow-up in the seminorm's excluded channels is never accepted. A non-finite err there is
     # not measured; in a segment it makes that segment's RMS NaN or inf (and so the max).
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randn(N_POISON, generator=gen, dtype=dtype).to(device)
-    k = torch.randn(4, N_POISON, generator=gen, dtype=dtype).to(device)
+    y, k = poison_inputs(device, dtype)
     finalize = impl("rk_finalize")
     _, _, clean = finalize(y, k, B, B_ERROR, 0.1, *tols(y), TAIL_SEGMENTS, False, True)
     assert clean.shape == (3,) and bool((clean[[0, 2]].isfinite() & (clean[[0, 2]] > 0)).all())
