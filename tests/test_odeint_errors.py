@@ -119,11 +119,6 @@ def test_func_returning_wrong_shape_is_named():
         flashode.odeint(lambda t, y: torch.ones(3, dtype=y.dtype), Y0, T)
 
 
-def test_event_fn_is_not_silently_ignored():
-    with pytest.raises(NotImplementedError, match="event_fn"):
-        flashode.odeint(f, Y0, T, event_fn=lambda t, y: y[0])
-
-
 def test_t_requiring_grad_is_refused_not_silently_dropped():
     t = T.clone().requires_grad_()
     with pytest.raises(NotImplementedError, match=r"t.detach\(\)"):

@@ -12,6 +12,10 @@ from ._config import show_config
 from .adjoint import odeint_adjoint
 from .dense import DenseSolution, odeint_dense
 from .errors import SolverError
+from .event_solve import odeint_event
 from .odeint import odeint
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_dense", "DenseSolution", "show_config", "SolverError", "__version__"]
+__all__ = [
+    "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "DenseSolution", "show_config", "SolverError",
+    "__version__",
+]

@@ -98,9 +98,12 @@ def odeint_adjoint(
             )
     _set_adjoint_norm(adjoint_options, (options or {}).get("norm"), problem)
 
-    spec = _BackwardSpec(adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
+    spec = _BackwardSpec(adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, event_fn)
     out = _OdeintAdjoint.apply(problem, spec, problem.y0, problem.t, *used)
-    return problem.unflatten(out)
+    if event_fn is None:
+        return problem.unflatten(out)
+    event_t, solution = out
+    return event_t, problem.unflatten(solution)
 
 
 def _find_parameters(module: nn.Module) -> list[Tensor]:
@@ -127,17 +130,30 @@ def _set_adjoint_norm(adjoint_options: dict[str, Any], forward_norm: Any, proble
 class _BackwardSpec:
     """The adjoint solve's settings, fixed when odeint_adjoint is called."""
 
-    def __init__(self, rtol: Any, atol: Any, method: str | None, options: dict[str, Any]) -> None:
+    def __init__(
+        self, rtol: Any, atol: Any, method: str | None, options: dict[str, Any], event_fn: Callable[..., Any] | None
+    ) -> None:
         self.rtol = rtol
         self.atol = atol
         self.method = "dopri5" if method is None else method
         self.options = options
+        self.event_fn = event_fn
 
 
 class _OdeintAdjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, problem: Problem, spec: _BackwardSpec, y0: Tensor, t: Tensor, *params: Tensor) -> Tensor:
-        ys = problem.solve()  # grad mode is off inside forward: no graph is recorded
+    def forward(
+        ctx: Any, problem: Problem, spec: _BackwardSpec, y0: Tensor, t: Tensor, *params: Tensor
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        # Grad mode is off inside forward: no graph is recorded.
+        if spec.event_fn is None:
+            ys, ctx.tau = problem.solve(), problem.tau
+        else:
+            event_t, ys = problem.solve_until_event(spec.event_fn)
+            # Backward integrates from the event back to t0. Like torchdiffeq, it does not
+            # differentiate through the event time (odeint_event reroutes that gradient).
+            ctx.mark_non_differentiable(event_t)
+            ctx.tau = [problem.tau[0], problem.direction * float(event_t)]
         ctx.problem = problem
         ctx.spec = spec
         # torchdiffeq exposes the adjoint options on the graph node; user code reads (and may
@@ -145,27 +161,32 @@ class _OdeintAdjoint(torch.autograd.Function):
         ctx.adjoint_options = spec.options
         ctx.t_requires_grad = t.requires_grad
         ctx.save_for_backward(ys, *params)
-        return ys
+        return ys if spec.event_fn is None else (event_t, ys)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_ys: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         ys, *params = ctx.saved_tensors
+        grad_ys = grads[-1]  # in event mode grads[0] is the (non-differentiable) event time's
         grad_y0, grad_t, grad_params = _integrate_adjoint(
-            ctx.problem, ctx.spec, ys, grad_ys, tuple(params), ctx.t_requires_grad
+            ctx.problem, ctx.spec, ctx.tau, ys, grad_ys, tuple(params), ctx.t_requires_grad
         )
+        if grad_t is not None and ctx.spec.event_fn is not None:
+            grad_t[1:] = 0  # t[1] only gave the direction of the event search
         return (None, None, grad_y0, grad_t, *grad_params)
 
 
 def _integrate_adjoint(
     problem: Problem,
     spec: _BackwardSpec,
+    tau: list[float],
     ys: Tensor,
     grad_ys: Tensor,
     params: tuple[Tensor, ...],
     t_requires_grad: bool,
 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """dL/dy0, dL/dt and dL/dtheta by integrating the adjoint system over each output interval."""
+    """dL/dy0, dL/dt and dL/dtheta by integrating the adjoint system over each output interval
+    (between the internal times `tau` of the outputs ys)."""
     n = problem.y0.numel()
     field = AugmentedDynamics(
         problem.func, problem.y0, problem.tuple_shapes, params, t_requires_grad, -problem.direction
@@ -175,9 +196,9 @@ def _integrate_adjoint(
     x[n : 2 * n] = grad_ys[-1].reshape(-1)
     time_vjps = None
     if t_requires_grad:
-        time_vjps = torch.zeros(len(problem.tau), dtype=problem.t.dtype, device=problem.t.device)
+        time_vjps = torch.zeros(len(tau), dtype=problem.t.dtype, device=problem.t.device)
 
-    if len(problem.tau) > 1:
+    if len(tau) > 1:
         options = dict(spec.options)
         norm = options.pop("norm")
         time_dtype = torch.promote_types(options.pop("dtype", problem.time_dtype), x.dtype)
@@ -198,14 +219,14 @@ def _integrate_adjoint(
             and isinstance(norm, AdjointNorm) and not norm.seminorm
         )
         # The backward solve runs in internal time -tau, increasing from the last output time.
-        for i in range(len(problem.tau) - 1, 0, -1):
+        for i in range(len(tau) - 1, 0, -1):
             if t_requires_grad:
                 # Moving output time t_i moves y(t_i) by f(t_i, y_i): dL/dt_i = f . dL/dy_i.
-                f_i = problem.field(problem.tau[i], ys[i])
+                f_i = problem.field(tau[i], ys[i])
                 dl_dt = torch.dot(f_i.reshape(-1), grad_ys[i].reshape(-1))
                 x[2 * n] -= dl_dt
                 time_vjps[i] = dl_dt
-            span = [-problem.tau[i], -problem.tau[i - 1]]
+            span = [-tau[i], -tau[i - 1]]
             try:
                 if carry_step:
                     x = solver.integrate(span, y0=x, first_step=solver.next_dt)[-1]

@@ -17,10 +17,14 @@ import torch
 from torch import Tensor
 
 from ._func import VectorField, _flat_to_shape
-from .solvers import SOLVER_NAMES, make_solver
+from .events import EventFunction
+from .solvers import ADAPTIVE_METHODS, SOLVER_NAMES, make_solver
 from .solvers.common import StateLayout, segment_layout
 
 __all__ = ["odeint"]
+
+# The steps an adaptive event search takes before giving up, unless options['max_num_steps'] says.
+MAX_EVENT_SEARCH_STEPS = 1_000_000
 
 
 def odeint(
@@ -46,18 +50,17 @@ def odeint(
     memory.
     """
     check_event_fn(event_fn, t)
-    problem = prepare_problem(func, y0, t, rtol, atol, method, options)
-    return problem.unflatten(problem.solve())
+    # In event mode y(event) depends on t[0], which the solve supports (see Problem.event_start).
+    problem = prepare_problem(func, y0, t, rtol, atol, method, options, differentiable_t=event_fn is not None)
+    if event_fn is None:
+        return problem.unflatten(problem.solve())
+    event_t, solution = problem.solve_until_event(event_fn)
+    return event_t, problem.unflatten(solution)
 
 
 def check_event_fn(event_fn: Callable[..., Any] | None, t: Tensor) -> None:
-    if event_fn is not None:
-        if len(t) != 2:
-            raise ValueError(f"We require len(t) == 2 when in event handling mode, but got len(t)={len(t)}.")
-        raise NotImplementedError(
-            "flashode: event_fn is not supported yet; use torchdiffeq for event handling until "
-            "flashode's odeint_event lands"
-        )
+    if event_fn is not None and len(t) != 2:
+        raise ValueError(f"We require len(t) == 2 when in event handling mode, but got len(t)={len(t)}.")
 
 
 @dataclass
@@ -93,6 +96,41 @@ class Problem:
             func=self.func, layout=self.layout(), direction=self.direction, time_dtype=self.time_dtype,
         )
         return solver.integrate(self.tau)
+
+    def event_function(self, event_fn: Callable[..., Any]) -> EventFunction:
+        # torchdiffeq hands event_fn times in the time dtype (adaptive) or the state's (fixed grid).
+        time_dtype = self.time_dtype if self.method in ADAPTIVE_METHODS else self.y0.dtype
+        return EventFunction(event_fn, self.field, time_dtype, self.tau[0], self.y0)
+
+    def solve_until_event(self, event_fn: Callable[..., Any]) -> tuple[Tensor, Tensor]:
+        """Solves from t[0] until event_fn crosses zero: the event time (user time, t's dtype and
+        device, no gradient) and the flat solution [y0, y(event)] (differentiable in y0, func's
+        parameters and t[0])."""
+        if self.method == "scipy_solver":
+            raise ValueError("scipy_solver does not support event handling (event_fn); use an adaptive method")
+        options = dict(self.options)
+        if self.method in ADAPTIVE_METHODS:
+            # An event that never comes must not run forever (torchdiffeq would).
+            options.setdefault("max_num_steps", MAX_EVENT_SEARCH_STEPS)
+        solver = make_solver(
+            self.method, self.field, self.event_start(), rtol=self.rtol, atol=self.atol, options=options,
+            func=self.func, layout=self.layout(), direction=self.direction, time_dtype=self.time_dtype,
+        )
+        tol = float(torch.as_tensor(self.atol, dtype=torch.float64).min())
+        event_tau, event_y = solver.integrate_until_event(self.tau[0], self.event_function(event_fn), tol)
+        event_t = torch.tensor(self.field.user_time(event_tau), dtype=self.t.dtype, device=self.t.device)
+        return event_t, torch.stack([self.y0, event_y])
+
+    def event_start(self) -> Tensor:
+        """y0, made to depend on t[0] when t requires grad: starting at t0 + d instead moves y at
+        any later time by -Phi f(t0, y0) d (Phi the flow's Jacobian), which is what y0 - d f(t0, y0)
+        does to first order, and the value is y0 itself."""
+        if not (self.t.requires_grad and torch.is_grad_enabled()):
+            return self.y0
+        with torch.no_grad():
+            f0 = self.field(self.tau[0], self.y0)
+        shift = (self.t[0] - self.t[0].detach()).to(self.y0.dtype)
+        return self.y0 - shift * f0
 
     def unflatten(self, out: Tensor) -> Tensor | tuple[Tensor, ...]:
         return out if self.tuple_shapes is None else _flat_to_shape(out, self.tuple_shapes)

@@ -11,23 +11,21 @@ from torch import Tensor
 
 from .._func import VectorField
 from ..tableaus import ADAPTIVE, FIXED
-from .common import Callbacks, ErrorNorm, NormFn, StateLayout
-from .fixed_grid import FixedGridRKSolver
+from .adams import ADAMS_METHODS, DEFAULT_MAX_ITERS, MAX_ORDER, AdamsSolver, adams_class_name
+from .common import Callbacks, ErrorNorm, NormFn, StateLayout, as_float
+from .fixed_grid import FixedGridOptions, FixedGridRKSolver, FixedGridSolver
 from .rk_adaptive import AdaptiveOptions, AdaptiveRKSolver
+from .scipy_wrapper import ScipyWrapperSolver, make_scipy_solver
 
 ADAPTIVE_METHODS = tuple(ADAPTIVE)
 FIXED_METHODS = tuple(FIXED)
-SOLVER_NAMES = ADAPTIVE_METHODS + FIXED_METHODS
+SOLVER_NAMES = ADAPTIVE_METHODS + FIXED_METHODS + tuple(ADAMS_METHODS) + ("scipy_solver",)
 
 _ADAPTIVE_OPTIONS = {
     "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor", "dfactor",
     "max_num_steps", "norm",
 }
 _FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb"}
-
-
-def _as_float(x: Any) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
 def _as_times(x: Any, direction: float) -> list[float]:
@@ -83,34 +81,25 @@ def make_solver(
     time_dtype: torch.dtype,
     callback_suffix: str = "",
     grid_inputs: tuple[Callable[..., Any], Callable[[Tensor], Any]] | None = None,
-) -> AdaptiveRKSolver | FixedGridRKSolver:
+) -> AdaptiveRKSolver | FixedGridSolver | ScipyWrapperSolver:
     """A solver for `method` over the flat state y0. Callbacks are looked up on `func` (with
     `callback_suffix`). A grid constructor receives `grid_inputs`: a func and a view of the state
     (default: `func` and the layout's user view)."""
+    if method == "scipy_solver":  # no layout or grid; callbacks only warn, as in torchdiffeq
+        return make_scipy_solver(field, y0, rtol, atol, options, func, callback_suffix)
     callbacks = Callbacks(func, layout.shape, time_dtype, callback_suffix)
     if method in FIXED:
-        unknown = set(options) - _FIXED_OPTIONS - {"norm"}  # torchdiffeq drops `norm` silently
-        if unknown:
-            warnings.warn("{}: Unexpected arguments {}".format("FixedGridRKSolver", {k: options[k] for k in unknown}))
-        step_size = options.get("step_size")
-        if step_size is not None and not (math.isfinite(_as_float(step_size)) and _as_float(step_size) != 0):
-            raise ValueError(f"step_size must be a finite, non-zero number, got {_as_float(step_size)}")
-        grid_constructor = options.get("grid_constructor")
-        user_grid = None
-        if grid_constructor is not None:
-            grid_func, view = (func, layout.shape) if grid_inputs is None else grid_inputs
-
-            # The constructor sees user time and the state the solve starts from; the solver works
-            # in internal time tau = direction * t.
-            def user_grid(tau: Tensor, start: Tensor) -> Tensor:
-                return direction * grid_constructor(grid_func, view(start), direction * tau)
-        return FixedGridRKSolver(
-            field, y0, FIXED[method],
-            step_size=None if step_size is None else abs(_as_float(step_size)),
-            grid_constructor=user_grid,
-            interp=options.get("interp", "linear"),
-            perturb=bool(options.get("perturb", False)),
-            callbacks=callbacks,
+        grid = fixed_grid_options(options, set(), "FixedGridRKSolver", func, layout, direction, grid_inputs)
+        return FixedGridRKSolver(field, y0, FIXED[method], grid, callbacks)
+    if method in ADAMS_METHODS:
+        implicit = ADAMS_METHODS[method]
+        grid = fixed_grid_options(
+            options, {"max_order", "max_iters"}, adams_class_name(implicit), func, layout, direction, grid_inputs
+        )
+        return AdamsSolver(
+            field, y0, grid, callbacks, implicit=implicit, max_order=options.get("max_order", MAX_ORDER),
+            max_iters=options.get("max_iters", DEFAULT_MAX_ITERS),
+            rtol=_tolerance(rtol, y0, "rtol"), atol=_tolerance(atol, y0, "atol"),
         )
 
     unknown = set(options) - _ADAPTIVE_OPTIONS
@@ -127,15 +116,15 @@ def make_solver(
     _check_tolerances(rtol, atol, n)
     first_step = options.get("first_step")
     opts = AdaptiveOptions(
-        first_step=None if first_step is None else abs(_as_float(first_step)),
-        min_step=_as_float(options.get("min_step", 0.0)),
-        max_step=_as_float(options.get("max_step", math.inf)),
+        first_step=None if first_step is None else abs(as_float(first_step)),
+        min_step=as_float(options.get("min_step", 0.0)),
+        max_step=as_float(options.get("max_step", math.inf)),
         step_t=_as_times(options.get("step_t"), direction),
         jump_t=_as_times(options.get("jump_t"), direction),
-        safety=_as_float(options.get("safety", 0.9)),
-        ifactor=_as_float(options.get("ifactor", 10.0)),
-        dfactor=_as_float(options.get("dfactor", 0.2)),
-        max_num_steps=int(_as_float(options.get("max_num_steps", 2**31 - 1))),
+        safety=as_float(options.get("safety", 0.9)),
+        ifactor=as_float(options.get("ifactor", 10.0)),
+        dfactor=as_float(options.get("dfactor", 0.2)),
+        max_num_steps=int(as_float(options.get("max_num_steps", 2**31 - 1))),
         time_float32=time_dtype == torch.float32,
     )
     if not opts.max_step > 0:
@@ -143,6 +132,42 @@ def make_solver(
     if opts.first_step is not None and not (math.isfinite(opts.first_step) and opts.first_step > 0):
         raise ValueError(f"first_step must be a finite positive number, got {opts.first_step}")
     return AdaptiveRKSolver(field, y0, ADAPTIVE[method], norm, opts, callbacks)
+
+
+def fixed_grid_options(
+    options: dict[str, Any],
+    method_options: set[str],
+    class_name: str,
+    func: Callable[..., Any],
+    layout: StateLayout,
+    direction: float,
+    grid_inputs: tuple[Callable[..., Any], Callable[[Tensor], Any]] | None,
+) -> FixedGridOptions:
+    """torchdiffeq's fixed-grid options (step_size, grid_constructor, interp, perturb), checked;
+    unknown options warn as torchdiffeq's `_handle_unused_kwargs` does (`method_options` are the
+    method's own, read by the caller)."""
+    unknown = set(options) - _FIXED_OPTIONS - method_options - {"norm"}  # torchdiffeq drops `norm` silently
+    if unknown:
+        warnings.warn("{}: Unexpected arguments {}".format(class_name, {k: options[k] for k in unknown}))
+    step_size = options.get("step_size")
+    if step_size is not None and not (math.isfinite(as_float(step_size)) and as_float(step_size) != 0):
+        raise ValueError(f"step_size must be a finite, non-zero number, got {as_float(step_size)}")
+    grid_constructor = options.get("grid_constructor")
+    user_grid = None
+    if grid_constructor is not None:
+        grid_func, view = (func, layout.shape) if grid_inputs is None else grid_inputs
+
+        # The constructor sees user time and the state the solve starts from; the solver works
+        # in internal time tau = direction * t.
+        def user_grid(tau: Tensor, start: Tensor) -> Tensor:
+            return direction * grid_constructor(grid_func, view(start), direction * tau)
+
+    return FixedGridOptions(
+        step_size=None if step_size is None else abs(as_float(step_size)),
+        grid_constructor=user_grid,
+        interp=options.get("interp", "linear"),
+        perturb=bool(options.get("perturb", False)),
+    )
 
 
 def _user_norm(norm: Callable[[Any], Any] | None, shape: Callable[[Tensor], Any]) -> NormFn | None:

@@ -65,6 +65,11 @@ def segment_rms(flat: Tensor, segment_ends: list[int]) -> list[float]:
     return [v / math.sqrt(max(b - a, 1)) for v, (a, b) in zip(norms.tolist(), bounds)]
 
 
+def as_float(x: Any) -> float:
+    """An option given as a number or a one-element tensor, as a host float."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
 class ErrorNorm:
     """How a step's scaled error becomes one number (see StateLayout).
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from .. import _ops
 from .._func import Perturb, VectorField
 from ..errors import SolverError
+from ..events import EventFunction, event_sign, locate_event
 from ..tableaus import Tableau
 from .common import Callbacks, ErrorNorm, StageBuffers, check_finite_start, initial_step_size
 
@@ -90,10 +92,17 @@ class AdaptiveRKSolver:
         self.accepted_steps: list[AcceptedStep] | None = None
         self._round = (lambda x: float(np.float32(x))) if options.time_float32 else (lambda x: x)
 
-    def integrate(self, t: list[float], y0: Tensor | None = None, first_step: float | None = None) -> Tensor:
+    def integrate(
+        self,
+        t: list[float],
+        y0: Tensor | None = None,
+        first_step: float | None = None,
+        stop_after: Callable[[AcceptedStep, Tensor], bool] | None = None,
+    ) -> Tensor:
         """Solution at the increasing internal times t (t[0] is the initial time), from y0 (default:
         the state the solver was made for) with a first step of `first_step` (default: the option,
-        else Hairer's heuristic)."""
+        else Hairer's heuristic). `stop_after(step, y1)`, if given, is asked after every accepted
+        step whether to stop there (while the step's stages are still intact)."""
         y0 = self.y0 if y0 is None else y0
         field, tab, opts = self.field, self.tab, self.opts
         first_step = opts.first_step if first_step is None else first_step
@@ -181,6 +190,8 @@ class AdaptiveRKSolver:
                     thetas = [(t[j] - t0) / dt for j in range(first, next_out)]
                     outputs.append(ops.rk_dense(y0, k, self.dense, thetas, h))
                     steps_since_output = 0
+                if stop_after is not None and stop_after(AcceptedStep(t0, dt, y0, k), y1):
+                    break
                 f_next = k_rows[self.stages - 1]
                 if on_step and step_i < len(step_t) - 1:
                     step_i += 1
@@ -196,6 +207,38 @@ class AdaptiveRKSolver:
             dt = min(max(optimal_step_size(dt, ratio, opts, tab.order), opts.min_step), opts.max_step)
         self.next_dt = dt
         return torch.cat(outputs)
+
+    def integrate_until_event(self, t0: float, event: EventFunction, tol: float) -> tuple[float, Tensor]:
+        """Steps from t0 until the event's sign changes at a step's end; returns the event time
+        (internal) and the state there, located on that step's interpolant."""
+        y0 = self.y0
+        value0 = event(t0, y0)
+        if value0 == 0.0:  # torchdiffeq: an event exactly at the start ends the solve there
+            return t0, y0
+        sign0 = event_sign(value0)
+        found: list[tuple[float, Tensor]] = []
+
+        def stop_after(step: AcceptedStep, y1: Tensor) -> bool:
+            t1 = step.t0 + step.dt
+            if event_sign(event(t1, y1)) == sign0:
+                return False
+            found.append(locate_event(self.state_in(step), event, sign0, step.t0, t1, tol))
+            return True
+
+        try:
+            self.integrate([t0, math.inf], y0, stop_after=stop_after)
+        except SolverError as exc:
+            raise SolverError(f"no event found (event_fn kept its sign): {exc}") from exc
+        return found[0]
+
+    def state_in(self, step: AcceptedStep) -> Callable[[float], Tensor]:
+        """The state at internal time tau inside an accepted step (the method's interpolant)."""
+
+        def state_at(tau: float) -> Tensor:
+            ops = _ops.ops_for(step.y0.device, torch.is_grad_enabled())
+            return ops.rk_dense(step.y0, step.k, self.dense, [(tau - step.t0) / step.dt], self.sign * step.dt)[0]
+
+        return state_at
 
     def _underflow_message(self, t0: float, dt: float) -> str:
         cause = (
