@@ -136,3 +136,31 @@ def test_callbacks_called_like_torchdiffeq():
     flashode.odeint(ours, y0, t, options=dict(first_step=1.0))  # forces rejections first
     torchdiffeq.odeint(theirs, y0, t, options=dict(first_step=1.0))
     assert ours.log == theirs.log and any(kind == "reject" for kind, _ in ours.log)
+
+
+@pytest.mark.parametrize("method", ["rk4", "explicit_adams", "implicit_adams"])
+def test_fixed_grid_callbacks_called_like_torchdiffeq(method):
+    """Fixed-grid solvers call callback_step only (before each step), with the step's start."""
+
+    class Logged(Oscillator):
+        def __init__(self):
+            super().__init__()
+            self.log = []
+
+        def callback_step(self, t0, y0, dt):
+            self.log.append(("step", round(float(t0), 9), round(float(dt), 9), y0.clone()))
+
+        def callback_accept_step(self, t0, y0, dt):
+            self.log.append(("accept",))
+
+        def callback_reject_step(self, t0, y0, dt):
+            self.log.append(("reject",))
+
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.7, 1.0], dtype=torch.float64)
+    ours, theirs = Logged(), Logged()
+    flashode.odeint(ours, y0, t, method=method, options=dict(step_size=0.25))
+    torchdiffeq.odeint(theirs, y0, t, method=method, options=dict(step_size=0.25))
+    assert len(ours.log) == len(theirs.log) == 4
+    for a, b in zip(ours.log, theirs.log):
+        assert a[:3] == b[:3] and torch.allclose(a[3], b[3], rtol=1e-12, atol=1e-12)

@@ -44,10 +44,19 @@ def odeint(
     `y0` is a tensor of any shape, or a tuple of tensors; `t` a 1-D strictly increasing or
     decreasing floating tensor; the result has shape `(len(t), *y0.shape)` with `result[0] == y0`
     (a tuple of such tensors for a tuple `y0`). `func(t, y)` receives `t` as a 0-dim tensor in y's
-    dtype. Adaptive methods: dopri5 (default), dopri8, tsit5, bosh3, fehlberg2, adaptive_heun;
-    fixed-grid: euler, midpoint, heun2, heun3, rk4 (options step_size / grid_constructor / interp
-    / perturb). Gradients flow through the solve by autograd; see `odeint_adjoint` for constant
-    memory.
+    dtype. Methods: adaptive dopri5 (default), dopri8, tsit5, bosh3, fehlberg2, adaptive_heun
+    (options first_step, min_step, max_step, step_t, jump_t, safety, ifactor, dfactor,
+    max_num_steps, norm, dtype); fixed-grid explicit euler, midpoint, heun2, heun3, rk4, the Adams
+    methods explicit_adams, implicit_adams, fixed_adams (max_order, max_iters), the implicit
+    implicit_euler, implicit_midpoint, trapezoid, radauIIA3, radauIIA5, gl4, gl6, sdirk2, trbdf2
+    (max_iters), all with step_size / grid_constructor / interp / perturb; and scipy_solver
+    (options solver, min_step, max_step; no gradients). Gradients flow through the solve by
+    autograd; see `odeint_adjoint` for constant memory.
+
+    With `event_fn(t, y)` (and len(t) == 2, t[1] only giving the direction), the solve runs until
+    any component of event_fn changes sign and returns `(event_t, solution)`, solution = [y0,
+    y(event_t)]; the event is located on the method's dense output to `atol`. `event_t` carries no
+    gradient here: use `flashode.odeint_event` for a differentiable event time.
     """
     check_event_fn(event_fn, t)
     # In event mode y(event) depends on t[0], which the solve supports (see Problem.event_start).
