@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction as F
 
-__all__ = ["ADAPTIVE", "FIXED", "Tableau"]
+__all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "ImplicitTableau", "Tableau"]
 
 
 @dataclass(frozen=True)
@@ -379,6 +379,109 @@ FIXED: dict[str, Tableau] = {
             c=(F(0), F(1, 3), F(2, 3), F(1)),
             a=((), (F(1, 3),), (F(-1, 3), F(1)), (F(1), F(-1), F(1))),
             b=(F(1, 8), F(3, 8), F(3, 8), F(1, 8)),
+        ),
+    )
+}
+
+# ---------------------------------------------------------------------------------------------
+# Implicit fixed-grid methods (torchdiffeq master's implicit_euler ... trbdf2), run by
+# solvers/implicit_rk.py. The stage derivatives solve k[i] = f(t0 + c[i] h, y0 + h * sum_j
+# a[i][j] k[j]) over the full matrix a; y1 = y0 + h * sum_j b[j] k[j]. Leading stages with c == 0
+# and a zero row are explicit: k = f(t0, y0).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImplicitTableau:
+    """An implicit Runge-Kutta method with S stages and a full S x S matrix ``a``.
+
+    ``diagonally_implicit``: ``a`` is lower triangular and the stages are solved one at a time
+    (torchdiffeq's FixedGridDIRKODESolver); otherwise every implicit stage is solved at once
+    (FixedGridFIRKODESolver).
+    """
+
+    name: str
+    order: int  # the convergence order
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    diagonally_implicit: bool
+
+    def __post_init__(self) -> None:
+        s = len(self.c)
+        if s == 0 or len(self.b) != s or len(self.a) != s or any(len(row) != s for row in self.a):
+            raise ValueError(f"{self.name}: c, b and every row of a must have one entry per stage")
+        if self.diagonally_implicit and any(self.a[i][j] for i in range(s) for j in range(i + 1, s)):
+            raise ValueError(f"{self.name}: a diagonally implicit method needs a lower triangular a")
+
+
+def _implicit(
+    name: str,
+    order: int,
+    c: Sequence[_Coef],
+    a: Sequence[Sequence[_Coef]],
+    b: Sequence[_Coef],
+    diagonally_implicit: bool = False,
+) -> ImplicitTableau:
+    return ImplicitTableau(name, order, _floats(c), tuple(_floats(row) for row in a), _floats(b), diagonally_implicit)
+
+
+_SQRT2, _SQRT3, _SQRT6, _SQRT15 = (x**0.5 for x in (2, 3, 6, 15))
+# SDIRK2's and TR-BDF2's diagonal entry, 1 - sqrt(2)/2: the value that makes them L-stable.
+_GAMMA = 1 - _SQRT2 / 2
+
+IMPLICIT: dict[str, ImplicitTableau] = {
+    t.name: t
+    for t in (
+        _implicit("implicit_euler", 1, c=(F(1),), a=((F(1),),), b=(F(1),)),
+        _implicit("implicit_midpoint", 2, c=(F(1, 2),), a=((F(1, 2),),), b=(F(1),)),
+        _implicit("trapezoid", 2, c=(F(0), F(1)), a=((F(0), F(0)), (F(1, 2), F(1, 2))), b=(F(1, 2), F(1, 2))),
+        _implicit(
+            "radauIIA3", 3, c=(F(1, 3), F(1)), a=((F(5, 12), F(-1, 12)), (F(3, 4), F(1, 4))), b=(F(3, 4), F(1, 4))
+        ),
+        # Gauss-Legendre, 2 stages. torchdiffeq master gives both stages c = 1/2 - sqrt(3)/6, which
+        # evaluates a time-dependent f at the wrong time in the second stage; these are the nodes.
+        _implicit(
+            "gl4",
+            4,
+            c=(F(1, 2) - _SQRT3 / 6, F(1, 2) + _SQRT3 / 6),
+            a=((F(1, 4), F(1, 4) - _SQRT3 / 6), (F(1, 4) + _SQRT3 / 6, F(1, 4))),
+            b=(F(1, 2), F(1, 2)),
+        ),
+        _implicit(
+            "radauIIA5",
+            5,
+            c=((4 - _SQRT6) / 10, (4 + _SQRT6) / 10, F(1)),
+            a=(
+                ((88 - 7 * _SQRT6) / 360, (296 - 169 * _SQRT6) / 1800, (-2 + 3 * _SQRT6) / 225),
+                ((296 + 169 * _SQRT6) / 1800, (88 + 7 * _SQRT6) / 360, (-2 - 3 * _SQRT6) / 225),
+                ((16 - _SQRT6) / 36, (16 + _SQRT6) / 36, F(1, 9)),
+            ),
+            b=((16 - _SQRT6) / 36, (16 + _SQRT6) / 36, F(1, 9)),
+        ),
+        _implicit(
+            "gl6",
+            6,
+            c=(F(1, 2) - _SQRT15 / 10, F(1, 2), F(1, 2) + _SQRT15 / 10),
+            a=(
+                (F(5, 36), F(2, 9) - _SQRT15 / 15, F(5, 36) - _SQRT15 / 30),
+                (F(5, 36) + _SQRT15 / 24, F(2, 9), F(5, 36) - _SQRT15 / 24),
+                (F(5, 36) + _SQRT15 / 30, F(2, 9) + _SQRT15 / 15, F(5, 36)),
+            ),
+            b=(F(5, 18), F(4, 9), F(5, 18)),
+        ),
+        _implicit(
+            "sdirk2", 2, c=(_GAMMA, F(1)), a=((_GAMMA, F(0)), (1 - _GAMMA, _GAMMA)), b=(1 - _GAMMA, _GAMMA),
+            diagonally_implicit=True,
+        ),
+        # TR-BDF2: a trapezoidal stage to t0 + 2 gamma h, then BDF2 to t1 (an explicit first stage).
+        _implicit(
+            "trbdf2",
+            2,
+            c=(F(0), 2 * _GAMMA, F(1)),
+            a=((F(0), F(0), F(0)), (_GAMMA, _GAMMA, F(0)), (_SQRT2 / 4, _SQRT2 / 4, _GAMMA)),
+            b=(_SQRT2 / 4, _SQRT2 / 4, _GAMMA),
+            diagonally_implicit=True,
         ),
     )
 }

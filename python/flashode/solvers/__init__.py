@@ -10,16 +10,24 @@ import torch
 from torch import Tensor
 
 from .._func import VectorField
-from ..tableaus import ADAPTIVE, FIXED
+from ..tableaus import ADAPTIVE, FIXED, IMPLICIT
 from .adams import ADAMS_METHODS, DEFAULT_MAX_ITERS, MAX_ORDER, AdamsSolver, adams_class_name
 from .common import Callbacks, ErrorNorm, NormFn, StateLayout, as_float
 from .fixed_grid import FixedGridOptions, FixedGridRKSolver, FixedGridSolver
+from .implicit_rk import DEFAULT_MAX_ITERS as IMPLICIT_MAX_ITERS
+from .implicit_rk import TORCHDIFFEQ_CLASSES, ImplicitRKSolver
 from .rk_adaptive import AdaptiveOptions, AdaptiveRKSolver
 from .scipy_wrapper import ScipyWrapperSolver, make_scipy_solver
 
 ADAPTIVE_METHODS = tuple(ADAPTIVE)
 FIXED_METHODS = tuple(FIXED)
-SOLVER_NAMES = ADAPTIVE_METHODS + FIXED_METHODS + tuple(ADAMS_METHODS) + ("scipy_solver",)
+# Every method, in torchdiffeq master's order (its "Invalid method" message lists them so).
+SOLVER_NAMES = (
+    "dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3",
+    "rk4", "explicit_adams", "implicit_adams", "implicit_euler", "implicit_midpoint", "trapezoid", "radauIIA3",
+    "gl4", "radauIIA5", "gl6", "sdirk2", "trbdf2", "fixed_adams", "scipy_solver",
+)
+assert set(SOLVER_NAMES) == {*ADAPTIVE_METHODS, *FIXED_METHODS, *IMPLICIT, *ADAMS_METHODS, "scipy_solver"}
 
 _ADAPTIVE_OPTIONS = {
     "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor", "dfactor",
@@ -91,6 +99,13 @@ def make_solver(
     if method in FIXED:
         grid = fixed_grid_options(options, set(), "FixedGridRKSolver", func, layout, direction, grid_inputs)
         return FixedGridRKSolver(field, y0, FIXED[method], grid, callbacks)
+    if method in IMPLICIT:
+        grid = fixed_grid_options(
+            options, {"max_iters"}, TORCHDIFFEQ_CLASSES[method], func, layout, direction, grid_inputs
+        )
+        return ImplicitRKSolver(
+            field, y0, IMPLICIT[method], grid, callbacks, max_iters=options.get("max_iters", IMPLICIT_MAX_ITERS)
+        )
     if method in ADAMS_METHODS:
         implicit = ADAMS_METHODS[method]
         grid = fixed_grid_options(
