@@ -11,6 +11,7 @@
 #   4. python benchmarks/kernels.py --device cuda
 #   5. python benchmarks/overhead.py --device cuda --grad
 #   6. python benchmarks/adjoint.py --device cuda (odeint_adjoint fwd+bwd vs torchdiffeq)
+#   7. python benchmarks/parity.py --device cuda --quick (events, Adams, rk4, dense output vs torchdiffeq)
 # then a summary table. Every step's output goes to $OUT (when set; the device tool returns files
 # written there) or to a temporary folder. Exit status: 0 when no step failed.
 #
@@ -141,8 +142,9 @@ if '$DEVICE' == 'cuda' and 'cuda' not in _ops.kernel_devices:
   run_step kernels 90 python benchmarks/kernels.py --device "$DEVICE" --budget 0.5 "${QUICK_FLAG[@]}" || true
   run_step overhead 90 python benchmarks/overhead.py --device "$DEVICE" --grad "${QUICK_FLAG[@]}" || true
   run_step adjoint 90 python benchmarks/adjoint.py --device "$DEVICE" "${QUICK_FLAG[@]}" || true
+  run_step parity 60 python benchmarks/parity.py --device "$DEVICE" --quick || true
 else
-  for step in show_config pytest_cuda kernels overhead adjoint; do record "$step" "skipped (install failed)" 0; done
+  for step in show_config pytest_cuda kernels overhead adjoint parity; do record "$step" "skipped (install failed)" 0; done
 fi
 
 # summary
@@ -153,7 +155,7 @@ fi
   echo "|---|---|---:|"
   printf '%s\n' "${ROWS[@]}"
 } >"$SUMMARY"
-for step in kernels overhead adjoint; do
+for step in kernels overhead adjoint parity; do
   if [[ -s "$LOG_DIR/$step.log" ]]; then
     { echo; echo "### $step tables"; echo; sed -n '/^|/p;/^Note:/p' "$LOG_DIR/$step.log"; } >>"$SUMMARY"
   fi

@@ -74,3 +74,36 @@ def test_at_most_one_host_read_per_adaptive_step():
     # Per step: the error ratio. Per solve: reading t, checking y0 is finite, three norms of the
     # initial step selection.
     assert syncs <= len(steps) + 5, (syncs, len(steps))
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("explicit_adams", dict(step_size=0.05)), ("implicit_adams", dict(step_size=0.05)),
+     ("radauIIA5", dict(step_size=0.1)), ("sdirk2", dict(step_size=0.05)), ("midpoint", dict(step_size=0.05))],
+)
+def test_cuda_multistep_and_implicit_methods_match_cpu(method, options):
+    y0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    cpu = flashode.odeint(field, y0, t, method=method, options=options)
+    gpu = flashode.odeint(field, y0.cuda(), t.cuda(), method=method, options=options)
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+def test_cuda_event_time_and_gradient_match_cpu(interface):
+    class Fall(torch.nn.Module):
+        def forward(self, t, s):
+            return torch.stack([s[1], torch.full_like(s[1], -9.81)])
+
+    results = []
+    for device in ("cpu", "cuda"):
+        height = torch.tensor(10.0, dtype=torch.float64, device=device, requires_grad=True)
+        y0 = torch.stack([height, torch.zeros_like(height)])
+        event_t, _ = flashode.odeint_event(
+            Fall(), y0, torch.tensor(0.0, dtype=torch.float64, device=device), event_fn=lambda t, s: s[0],
+            odeint_interface=getattr(flashode, interface), rtol=1e-9, atol=1e-10,
+        )
+        (grad,) = torch.autograd.grad(event_t, height)
+        assert event_t.device.type == device
+        results.append((event_t.item(), grad.item()))
+    assert results[0] == pytest.approx(results[1], rel=1e-9)
