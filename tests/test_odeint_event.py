@@ -176,19 +176,22 @@ def test_reverse_time_and_tuple_state() -> None:
     assert abs(height[-1].item() - 1.0) < 1e-8
 
 
-@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rk4"])
+@pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3", "rk4"])
 def test_same_results_as_torchdiffeq(method: str) -> None:
     y0 = torch.tensor([10.0, 2.0], dtype=F64)
     options = dict(step_size=0.05) if method == "rk4" else None
-    kwargs = dict(event_fn=hit_ground, method=method, options=options)
+    kwargs = dict(event_fn=hit_ground, method=method, options=options, rtol=1e-8, atol=1e-10)
     expected = torchdiffeq.odeint_event(Fall(), y0, torch.tensor(0.0, dtype=F64), **kwargs)
     got = flashode.odeint_event(Fall(), y0, torch.tensor(0.0, dtype=F64), **kwargs)
+    exact = landing_time(*(torch.tensor(x, dtype=F64) for x in (10.0, 2.0, GRAVITY, 0.0))).item()
     if method == "bosh3":
-        # torchdiffeq locates bosh3 events on its quartic interpolant, which is off by far more
-        # than the tolerance inside long steps; flashode uses an accurate one (documented there).
+        # Different on purpose: torchdiffeq locates events on its quartic interpolant, whose bosh3
+        # mid-point is of low order (here the ball lands 0.38 s early); flashode on an accurate one.
+        assert abs(got[0].item() - exact) < 1e-8 < 1e-2 < abs(expected[0].item() - exact)
         return
-    assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-12)
-    assert torch.allclose(got[1], expected[1], rtol=0, atol=1e-12)
+    # Same steps, the event on interpolants that agree to within the tolerance.
+    assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-9)
+    assert torch.allclose(got[1], expected[1], rtol=0, atol=1e-8)
 
 
 def test_odeint_event_mode_returns_a_detached_event_time_and_a_differentiable_state() -> None:

@@ -1,7 +1,9 @@
-"""Butcher tableaus, as plain data, for flashode's explicit Runge-Kutta solvers.
+"""Butcher tableaus and interpolants, as plain data, for flashode's Runge-Kutta solvers.
 
-One generic adaptive solver runs every tableau in ``ADAPTIVE`` and one fixed-grid solver runs
-every tableau in ``FIXED``; a method is nothing but its coefficients here.
+One generic adaptive solver runs every tableau in ``ADAPTIVE``, one fixed-grid solver every
+tableau in ``FIXED`` and one implicit solver every tableau in ``IMPLICIT``; ``INTERPOLANTS`` holds
+the accurate continuous extensions of the adaptive methods (dense output, events). A method is
+nothing but its coefficients here.
 
 The adaptive tableaus reproduce torchdiffeq 0.2.5's methods *including their stage structure*,
 so that flashode, a drop-in replacement for torchdiffeq, takes, accepts and rejects the same
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction as F
 
-__all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "ImplicitTableau", "Tableau"]
+__all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "INTERPOLANTS", "ImplicitTableau", "Interpolant", "Tableau"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,26 @@ def _floats(xs: Sequence[_Coef]) -> tuple[float, ...]:
     return tuple(float(x) for x in xs)
 
 
+def _solve_weight_polys(conditions: list[tuple[list[F], list[F]]]) -> tuple[tuple[float, ...], ...]:
+    """Per-row weight polynomials of the q of degree D = len(conditions) meeting every condition
+    (its functional on theta**1 .. theta**D, its data over the rows), by Gauss-Jordan over the
+    rationals, for all rows at once."""
+    degree = len(conditions)
+    rows = [list(functional) + list(data) for functional, data in conditions]
+    for col in range(degree):
+        pivot = next((r for r in range(col, degree) if rows[r][col] != 0), None)
+        if pivot is None:
+            raise ValueError("these interpolation conditions do not determine the polynomial")
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [x / rows[col][col] for x in rows[col]]
+        for r in range(degree):
+            if r != col and rows[r][col] != 0:
+                factor = rows[r][col]
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col])]
+    n_rows = len(rows[0]) - degree
+    return tuple(tuple(float(rows[p][degree + j]) for p in range(degree)) for j in range(n_rows))
+
+
 def _quartic_fit_dense(b: Sequence[F], c_mid: Sequence[F]) -> tuple[tuple[float, ...], ...]:
     """Per-stage weight polynomials of torchdiffeq's interpolant for one step.
 
@@ -83,25 +105,16 @@ def _quartic_fit_dense(b: Sequence[F], c_mid: Sequence[F]) -> tuple[tuple[float,
     the quartic meeting the conditions with the data replaced by stage j's weights:
     B_j'(0) = [j == 0], B_j(1) = b[j], B_j(1/2) = c_mid[j], B_j'(1) = [j == S-1].
     The 4x4 system for B_j's coefficients of theta..theta**4 is solved exactly, for all
-    stages at once (Gauss-Jordan over the rationals).
+    stages at once.
     """
     s = len(b)
-    # Rows: the conditions above applied to theta**1..theta**4, then one right-hand side per stage.
-    rows: list[list[F]] = [
-        [F(1), F(0), F(0), F(0)] + [F(int(j == 0)) for j in range(s)],
-        [F(1), F(1), F(1), F(1)] + list(b),
-        [F(1, 2), F(1, 4), F(1, 8), F(1, 16)] + list(c_mid),
-        [F(1), F(2), F(3), F(4)] + [F(int(j == s - 1)) for j in range(s)],
-    ]
-    for col in range(4):
-        pivot = next(r for r in range(col, 4) if rows[r][col] != 0)
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        rows[col] = [x / rows[col][col] for x in rows[col]]
-        for r in range(4):
-            if r != col and rows[r][col] != 0:
-                factor = rows[r][col]
-                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col])]
-    return tuple(tuple(float(rows[p][4 + j]) for p in range(4)) for j in range(s))
+    # Each condition: its functional on theta**1..theta**4, then its data per stage.
+    return _solve_weight_polys([
+        ([F(1), F(0), F(0), F(0)], [F(int(j == 0)) for j in range(s)]),
+        ([F(1), F(1), F(1), F(1)], list(b)),
+        ([F(1, 2), F(1, 4), F(1, 8), F(1, 16)], list(c_mid)),
+        ([F(1), F(2), F(3), F(4)], [F(int(j == s - 1)) for j in range(s)]),
+    ])
 
 
 def _tableau(
@@ -227,35 +240,39 @@ _DOPRI8_B = (
 )
 
 
+# torchdiffeq's degree-6 continuous extension for dopri8, b_j(theta) = sum_p coef[p] * theta**(p + 1)
+# (other stages have weight 0). Measured, it is of order 5 only (its error is O(h**6)).
+_DOPRI8_EXTENSION: dict[int, tuple[str, ...]] = {  # stage: published coefficients of theta**1 .. theta**6
+    0: ("1.0", "-6.6910181737837595697", "19.9990069333683970610", "-30.0610568289666450593",
+        "22.1396504998094068976", "-6.3448349392860401388"),
+    5: ("0", "-7.6142658045872677172", "52.2273532792945524050", "-121.4999627731334642623",
+        "116.4422149550342161651", "-39.6107919852202505218"),
+    6: ("0", "10.7281392630428866124", "-46.8919164181093621583", "83.1721004639847717481",
+        "-67.1451318825957197185", "20.3761213808791436958"),
+    7: ("0", "0.5526637063753648783", "-0.1890893225010595467", "9.5724507555993664382",
+        "-16.5672243527496524646", "7.3347098826795362023"),
+    8: ("0", "4.2186562625665153803", "-35.7075975946222072821", "87.8406057677205645007",
+        "-89.9916014847245016028", "32.8801774352459155182"),
+    9: ("0", "-0.6627209125361597559", "6.2736448083240352160", "-17.4152107770762969005",
+        "22.6237489648532849093", "-10.1588990526426760954"),
+    10: ("0", "-1.2636789001135462218", "10.3160881272450748458", "-28.5903289514790976966",
+         "32.2362340167355370113", "-12.5401268098782561200"),
+    11: ("0", "5.4106037898590422230", "-34.7650769866611817349", "81.6630950584341412934",
+         "-82.1020315488359848644", "29.5553001484516038033"),
+    12: ("0", "-7.0321379067945741781", "47.7457971078225540396", "-114.9375291377009418170",
+         "116.2662185791119533462", "-41.7923486424390588923"),
+    13: ("0", "2.3537586759714983486", "-19.0082099341608028453", "50.2558364226176017553",
+         "-53.9020777466385396792", "20.3006925822100825485"),
+}
+
+
 def _dopri8_c_mid() -> list[F]:
-    """torchdiffeq's mid-point weights for dopri8: the degree-6 continuous extension
-    b_j(theta) = sum_p coef[p] * theta**(p + 1) it uses, evaluated at theta = 1/2 (other
-    stages have weight 0)."""
-    polys = {  # stage: published coefficients of theta**1 .. theta**6
-        0: ("1.0", "-6.6910181737837595697", "19.9990069333683970610", "-30.0610568289666450593",
-            "22.1396504998094068976", "-6.3448349392860401388"),
-        5: ("0", "-7.6142658045872677172", "52.2273532792945524050", "-121.4999627731334642623",
-            "116.4422149550342161651", "-39.6107919852202505218"),
-        6: ("0", "10.7281392630428866124", "-46.8919164181093621583", "83.1721004639847717481",
-            "-67.1451318825957197185", "20.3761213808791436958"),
-        7: ("0", "0.5526637063753648783", "-0.1890893225010595467", "9.5724507555993664382",
-            "-16.5672243527496524646", "7.3347098826795362023"),
-        8: ("0", "4.2186562625665153803", "-35.7075975946222072821", "87.8406057677205645007",
-            "-89.9916014847245016028", "32.8801774352459155182"),
-        9: ("0", "-0.6627209125361597559", "6.2736448083240352160", "-17.4152107770762969005",
-            "22.6237489648532849093", "-10.1588990526426760954"),
-        10: ("0", "-1.2636789001135462218", "10.3160881272450748458", "-28.5903289514790976966",
-             "32.2362340167355370113", "-12.5401268098782561200"),
-        11: ("0", "5.4106037898590422230", "-34.7650769866611817349", "81.6630950584341412934",
-             "-82.1020315488359848644", "29.5553001484516038033"),
-        12: ("0", "-7.0321379067945741781", "47.7457971078225540396", "-114.9375291377009418170",
-             "116.2662185791119533462", "-41.7923486424390588923"),
-        13: ("0", "2.3537586759714983486", "-19.0082099341608028453", "50.2558364226176017553",
-             "-53.9020777466385396792", "20.3006925822100825485"),
-    }
+    """torchdiffeq's mid-point weights for dopri8: its continuous extension at theta = 1/2."""
     half = F(1, 2)
     return [
-        sum((F(x) * half ** (p + 1) for p, x in enumerate(polys[j])), F(0)) if j in polys else F(0)
+        sum((F(x) * half ** (p + 1) for p, x in enumerate(_DOPRI8_EXTENSION[j])), F(0))
+        if j in _DOPRI8_EXTENSION
+        else F(0)
         for j in range(14)
     ]
 
@@ -350,6 +367,81 @@ _TSIT5 = _tableau(
 
 ADAPTIVE: dict[str, Tableau] = {
     t.name: t for t in (_DOPRI5, _DOPRI8, _BOSH3, _FEHLBERG2, _ADAPTIVE_HEUN, _TSIT5)
+}
+
+# ---------------------------------------------------------------------------------------------
+# odeint_dense's interpolants. The quartic fits above stay odeint's (its outputs match
+# torchdiffeq's), but between step ends they can be far less accurate than the steps: ~1000x
+# the tolerance for bosh3 and dopri8, whose mid-point values are of low order. These are as
+# accurate between the step ends as at them.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interpolant:
+    """A continuous extension y(t0 + theta h) = y0 + h q(theta) for one adaptive method.
+
+    Rows: the step's S stages k, then one slope g[i] per node. q is the polynomial of degree
+    len(nodes) + 3 with q'(0) = k[0], q(1) = sum_j b[j] k[j] (the step's y1), q'(1) = k[S-1] and
+    q'(nodes[i]) = g[i]; ``dense`` holds its weight polynomials over the rows, as
+    ``Tableau.dense`` does over the stages. For fehlberg2 and adaptive_heun (not FSAL), k[S-1] is
+    the slope at a lower-order solution, y1 minus the error estimate, and k[0] the previous step's;
+    harmless, as q scales a slope error by h.
+
+    The slopes come from bootstrapping (Enright, Jackson, Norsett, Thomsen, ACM TOMS 12 (1986)
+    193-218): each of ``rounds`` rounds sets g[i] = f(t0 + nodes[i] h, u(nodes[i])) on the
+    previous round's interpolant u, ``start`` (weights over the stages) for the first round.
+    A slope error enters q times h, so a round raises the order by one, up to the degree.
+    Cost: rounds * len(nodes) evaluations of f per step.
+    """
+
+    start: tuple[tuple[float, ...], ...]
+    nodes: tuple[float, ...]
+    rounds: int
+    dense: tuple[tuple[float, ...], ...]
+
+
+def _interpolant(
+    tableau: Tableau,
+    nodes: Sequence[F] = (),
+    rounds: int = 0,
+    start: tuple[tuple[float, ...], ...] = (),
+) -> Interpolant:
+    # b as the exact values of the floats the solver steps with, so that q(1) is its y1.
+    b = [F(x) for x in tableau.b]
+    s, m = len(b), len(nodes)
+    degree, n_rows = m + 3, s + m
+
+    def value(x: F) -> list[F]:
+        return [x ** (p + 1) for p in range(degree)]
+
+    def slope(x: F) -> list[F]:
+        return [(p + 1) * x**p for p in range(degree)]
+
+    def unit(row: int) -> list[F]:
+        return [F(int(j == row)) for j in range(n_rows)]
+
+    conditions = [(slope(F(0)), unit(0)), (value(F(1)), b + [F(0)] * m), (slope(F(1)), unit(s - 1))]
+    conditions += [(slope(x), unit(s + i)) for i, x in enumerate(nodes)]
+    return Interpolant(start, _floats(nodes), rounds, _solve_weight_polys(conditions))
+
+
+# Nodes in symmetric pairs (an odd number of symmetric nodes leaves q(1) undetermined), placed
+# so that over [0, 1] y1's weight stays within [0, 1] and the slopes' weights sum to at most 0.6.
+_PAIR = (F(7, 20), F(13, 20))
+INTERPOLANTS: dict[str, Interpolant] = {
+    # 4th-order free interpolants, bootstrapped once to 5th order: 2 evaluations of f per step.
+    "dopri5": _interpolant(_DOPRI5, _PAIR, 1, _DOPRI5.dense),
+    "tsit5": _interpolant(_TSIT5, _PAIR, 1, _TSIT5.dense),
+    # From torchdiffeq's 5th-order extension, twice, to 7th order: 8 evaluations of f per step.
+    "dopri8": _interpolant(
+        _DOPRI8,
+        (F(1, 6), F(1, 3), F(2, 3), F(5, 6)),
+        2,
+        tuple(tuple(float(x) for x in _DOPRI8_EXTENSION.get(j, ("0",) * 6)) for j in range(len(_DOPRI8.c))),
+    ),
+    # Cubic Hermite through y0, k[0], y1, k[S-1]: 3rd order, at least the method's, and free.
+    **{name: _interpolant(ADAPTIVE[name]) for name in ("bosh3", "fehlberg2", "adaptive_heun")},
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ step clamps, `step_t` and `jump_t`, and `max_num_steps` counted between consecut
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -24,7 +24,7 @@ from .. import _ops
 from .._func import Perturb, VectorField
 from ..errors import SolverError
 from ..events import EventFunction, event_sign, locate_event
-from ..tableaus import Tableau
+from ..tableaus import INTERPOLANTS, Tableau
 from .common import Callbacks, ErrorNorm, StageBuffers, check_finite_start, initial_step_size
 
 
@@ -84,7 +84,10 @@ class AdaptiveRKSolver:
         self.rows = [list(r) for r in tableau.a]
         self.b = list(tableau.b)
         self.b_error = list(tableau.b_error or ())
-        self.dense = [p for row in tableau.dense for p in row]
+        self.dense = _flat(tableau.dense)  # torchdiffeq's interpolant, for odeint's outputs
+        # The interpolant as accurate between step ends as at them (dense output, events).
+        self.interpolant = INTERPOLANTS[tableau.name]
+        self.accurate_dense = _flat(self.interpolant.dense)
         self._buffers: StageBuffers | None = None
         self.n_steps = self.n_accepted = 0
         self.next_dt: float | None = None  # the step proposed after the last solve (to resume from)
@@ -232,13 +235,33 @@ class AdaptiveRKSolver:
         return found[0]
 
     def state_in(self, step: AcceptedStep) -> Callable[[float], Tensor]:
-        """The state at internal time tau inside an accepted step (the method's interpolant)."""
+        """The state at internal time tau inside an accepted step, on the accurate interpolant
+        (events are located on it: torchdiffeq's quartic can be ~1000x the tolerance off)."""
+        step = self.with_slopes(step)
 
         def state_at(tau: float) -> Tensor:
             ops = _ops.ops_for(step.y0.device, torch.is_grad_enabled())
-            return ops.rk_dense(step.y0, step.k, self.dense, [(tau - step.t0) / step.dt], self.sign * step.dt)[0]
+            thetas = [(tau - step.t0) / step.dt]
+            return ops.rk_dense(step.y0, step.k, self.accurate_dense, thetas, self.sign * step.dt)[0]
 
         return state_at
+
+    def with_slopes(self, step: AcceptedStep) -> AcceptedStep:
+        """The step with its accurate interpolant's slope rows after the stages (f at each node,
+        on the previous round's interpolant, see `tableaus.Interpolant`), for `accurate_dense`.
+        Differentiable when grad is enabled; costs `rounds * len(nodes)` evaluations of f."""
+        interpolant = self.interpolant
+        if interpolant.rounds == 0:
+            return step
+        ops = _ops.ops_for(step.y0.device, torch.is_grad_enabled())
+        h = self.sign * step.dt
+        nodes = list(interpolant.nodes)
+        rows, poly = step.k, _flat(interpolant.start)
+        for _ in range(interpolant.rounds):
+            states = ops.rk_dense(step.y0, rows, poly, nodes, h)
+            slopes = [self.field(step.t0 + theta * step.dt, state) for theta, state in zip(nodes, states)]
+            rows, poly = torch.cat([step.k, torch.stack(slopes)]), self.accurate_dense
+        return replace(step, k=rows)
 
     def _underflow_message(self, t0: float, dt: float) -> str:
         cause = (
@@ -247,6 +270,10 @@ class AdaptiveRKSolver:
             else "the solution may blow up here, or the problem is too stiff for an explicit method at this tolerance"
         )
         return f"underflow in dt {dt:.3g} at t={self.field.user_time(t0):.10g}: {cause}"
+
+
+def _flat(rows: tuple[tuple[float, ...], ...]) -> list[float]:
+    return [p for row in rows for p in row]
 
 
 def _future_times(times: list[float], t0: float) -> list[float]:
