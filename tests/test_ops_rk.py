@@ -846,10 +846,46 @@ def test_ops_for_without_graph_matches_autograd_path(device: str, dtype: torch.d
     k = torch.randn(4, 70, 9, dtype=dtype, device=device)
     fast = _ops.ops_for(torch.device(device), record_graph=False)
     assert isinstance(fast, _ops.NoGradOps)
-    assert isinstance(_ops.ops_for(torch.device(device), record_graph=True), _ops.AutogradOps)
+    assert isinstance(_ops.ops_for(torch.device(device), record_graph=True), _ops.RecordingOps)
     with torch.no_grad():
         got = run_all_ops(lambda op, args: getattr(fast, op)(*args), y, k)
         expected = run_all_ops(lambda op, args: getattr(_ops, op)(*args), y, k)
     # Same kernel either way, so the results must be bitwise equal (NaN-free inputs).
     for a, b in zip(got, expected):
         assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recording_ops_match_the_registered_autograd(device: str, dtype: torch.dtype) -> None:
+    """The eager recording path (autograd.Functions around the kernels) gives the registered ops'
+    values and gradients, for every op and finalize variant."""
+    recording = _ops.ops_for(torch.device(device), record_graph=True)
+    results = []
+    for call in (lambda op, args: getattr(recording, op)(*args), lambda op, args: getattr(_ops, op)(*args)):
+        gen = torch.Generator().manual_seed(3)
+        y = torch.randn(70, 9, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+        k = torch.randn(4, 70, 9, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+        outs = [o for o in run_all_ops(call, with_layout(y, "permuted"), k) if o.requires_grad]
+        weights = [torch.randn(o.shape, generator=gen, dtype=dtype).to(device) for o in outs]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        results.append((outs, torch.autograd.grad(loss, (y, k))))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    assert len(outs_a) == len(outs_b)
+    for a, b in zip(outs_a + list(grads_a), outs_b + list(grads_b)):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_recording_ops_support_double_backward() -> None:
+    y = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    recording = _ops.ops_for(torch.device("cpu"), record_graph=True)
+
+    def stage(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return recording.rk_stage(y, k, [0.2, -0.5, 0.7], 0.3)
+
+    def dense(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return recording.rk_dense(y, k, [0.1, 0.2, -0.3, 0.4, 0.5, -0.6], [0.3, 0.9], 0.3)
+
+    assert torch.autograd.gradcheck(stage, (y, k)) and torch.autograd.gradgradcheck(stage, (y, k))
+    assert torch.autograd.gradcheck(dense, (y, k)) and torch.autograd.gradgradcheck(dense, (y, k))
