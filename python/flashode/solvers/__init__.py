@@ -12,7 +12,7 @@ from torch import Tensor
 from .._func import VectorField
 from ..tableaus import ADAPTIVE, FIXED, IMPLICIT
 from .adams import ADAMS_METHODS, DEFAULT_MAX_ITERS, MAX_ORDER, AdamsSolver, adams_class_name
-from .common import Callbacks, ErrorNorm, NormFn, StateLayout, as_float
+from .common import Callbacks, ErrorNorm, NormFn, StateLayout, as_float, tolerance
 from .fixed_grid import FixedGridOptions, FixedGridRKSolver, FixedGridSolver
 from .implicit_rk import DEFAULT_MAX_ITERS as IMPLICIT_MAX_ITERS
 from .implicit_rk import TORCHDIFFEQ_CLASSES, ImplicitRKSolver
@@ -41,21 +41,6 @@ def _as_times(x: Any, direction: float) -> list[float]:
         return []
     values = x.reshape(-1).tolist() if isinstance(x, Tensor) else list(x)
     return [direction * float(v) for v in values]
-
-
-def _tolerance(tol: Any, y0: Tensor, name: str) -> Tensor:
-    """A scalar or per-element tolerance in the state's dtype and device (numel 1 or N)."""
-    if isinstance(tol, (int, float)):  # a fill on the device: no host-to-device copy to wait for
-        return torch.full((), float(tol), dtype=y0.dtype, device=y0.device)
-    tol_t = torch.as_tensor(tol, dtype=y0.dtype, device=y0.device).detach()
-    if tol_t.numel() == 1:
-        return tol_t.reshape(())
-    if tol_t.numel() == y0.numel() and tol_t.dim() <= 1:
-        return tol_t.contiguous()
-    try:
-        return tol_t.expand(y0.shape).contiguous()
-    except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(tol_t.shape)} does not broadcast to y0's shape {tuple(y0.shape)}") from None
 
 
 def _check_tolerances(rtol: Any, atol: Any, n: int) -> None:
@@ -114,7 +99,7 @@ def make_solver(
         return AdamsSolver(
             field, y0, grid, callbacks, implicit=implicit, max_order=options.get("max_order", MAX_ORDER),
             max_iters=options.get("max_iters", DEFAULT_MAX_ITERS),
-            rtol=_tolerance(rtol, y0, "rtol"), atol=_tolerance(atol, y0, "atol"),
+            rtol=tolerance(rtol, y0, "rtol"), atol=tolerance(atol, y0, "atol"),
         )
 
     unknown = set(options) - _ADAPTIVE_OPTIONS
@@ -122,7 +107,7 @@ def make_solver(
         warnings.warn("{}: Unexpected arguments {}".format("AdaptiveRKSolver", {k: options[k] for k in unknown}))
     n = y0.numel()
     norm = ErrorNorm(
-        _tolerance(rtol, y0, "rtol"), _tolerance(atol, y0, "atol"), layout.segment_ends,
+        tolerance(rtol, y0, "rtol"), tolerance(atol, y0, "atol"), layout.segment_ends,
         layout.norm if layout.norm is not None else _user_norm(options.get("norm"), layout.shape),
         layout.per_segment,
     )

@@ -70,6 +70,24 @@ def as_float(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def tolerance(tol: Any, y0: Tensor, name: str, dtype: torch.dtype | None = None) -> Tensor:
+    """A scalar or per-element tolerance on y0's device, in `dtype` (default: the state's): shape
+    () or one value per state element (flat for a 1-D tolerance, else y0's shape)."""
+    dtype = y0.dtype if dtype is None else dtype
+    if isinstance(tol, (int, float)):  # a fill on the device: no host-to-device copy to wait for
+        return torch.full((), float(tol), dtype=dtype, device=y0.device)
+    tol_t = torch.as_tensor(tol, dtype=dtype, device=y0.device).detach()
+    if tol_t.numel() == 1:
+        return tol_t.reshape(())
+    if tol_t.numel() == y0.numel() and tol_t.dim() <= 1:
+        return tol_t.contiguous()
+    try:
+        return tol_t.expand(y0.shape).contiguous()
+    except RuntimeError:
+        message = f"{name} of shape {tuple(tol_t.shape)} does not broadcast to y0's shape {tuple(y0.shape)}"
+        raise ValueError(message) from None
+
+
 class ErrorNorm:
     """How a step's scaled error becomes one number (see StateLayout).
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .._func import VectorField
 from ..errors import SolverError
-from .common import as_float, check_finite_start
+from .common import as_float, check_finite_start, tolerance
 
 if TYPE_CHECKING:
     import scipy.integrate
@@ -173,13 +173,5 @@ def _tolerance(tol: Any, y0: Tensor, name: str) -> float | np.ndarray:
     """A scalar, or one float64 value per element of the flat state, as scipy takes tolerances."""
     if isinstance(tol, (int, float)):
         return float(tol)
-    values = torch.as_tensor(tol, dtype=torch.float64).detach().cpu()
-    if values.numel() == 1:
-        return float(values)
-    if values.numel() == y0.numel() and values.dim() <= 1:
-        return values.numpy()
-    try:
-        return values.expand(y0.shape).reshape(-1).numpy()
-    except RuntimeError:
-        message = f"{name} of shape {tuple(values.shape)} does not broadcast to y0's shape {tuple(y0.shape)}"
-        raise ValueError(message) from None
+    values = tolerance(tol, y0, name, torch.float64).cpu()
+    return float(values) if values.numel() == 1 else values.reshape(-1).numpy()
