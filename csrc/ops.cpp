@@ -24,4 +24,21 @@ STABLE_TORCH_LIBRARY(flashode, m) {
   // Continuous extension at M points theta in [0, 1] of one step:
   // out[m] = y + h * sum_j B_j(theta_m) k[j], with B_j(x) = sum_p poly[j * D + p] x^(p + 1).
   m.def("rk_dense(Tensor y, Tensor k, float[] poly, float[] theta, float h) -> Tensor");
+
+  // Batch-parallel ops (csrc/common/batch_args.h): y is (B, N), k (S, B, N), and every sample b has
+  // its own float64 time t[b] and signed step h[b] (0 once it has stopped).
+  // A stage per sample: (y + h[b] * sum_j a[j] k[j][b], and the stage times t + c * h in y's dtype).
+  m.def("batch_stage(Tensor y, Tensor k, float[] a, Tensor h, Tensor t, float c) -> (Tensor, Tensor)");
+  // A whole step's end per sample in one pass, for the samples still running: y1 and the error
+  // ratio (as rk_finalize, per sample), accept (ratio <= 1), y_next = accept ? y1 : y, f_next (the
+  // next step's first stage) = accept ? k[S-1] : k[0], every output time in t_eval (B, T) the step
+  // reached written to ys (B, T, N) from the dense output `poly` (as rk_dense), then the new t, dt,
+  // h, status, stats (B, 4: f-evals, steps, accepted, rejected), next output index and PID history
+  // from the controller (batch_args.h: Controller). Stopped samples copy y and k[0] and change
+  // nothing else. Returns the accept mask (B,) bool.
+  m.def(
+      "batch_step(Tensor y, Tensor k, Tensor rtol, Tensor atol, float[] b, float[] b_error, float[] poly, "
+      "Tensor t_eval, Tensor t_end, Tensor direction, Tensor(a!) y_next, Tensor(b!) f_next, Tensor(c!) ys, "
+      "Tensor(d!) t, Tensor(e!) dt, Tensor(f!) h, Tensor(g!) status, Tensor(h!) stats, Tensor(i!) next_out, "
+      "Tensor(j!) history, float[] controller, int max_steps) -> Tensor");
 }

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _reference
 
-OP_NAMES = ("rk_stage", "rk_finalize", "rk_dense")
+OP_NAMES = ("rk_stage", "rk_finalize", "rk_dense", "batch_stage", "batch_step")
 
 # device types whose kernels are loaded; for the others, why not (shown by show_config)
 kernel_devices: set[str] = set()
@@ -105,6 +105,23 @@ def _register_fake_and_autograd() -> None:
     def _(y: Tensor, k: Tensor, poly: list[float], theta: list[float], h: float) -> Tensor:
         return y.new_empty((len(theta), *y.shape))
 
+    @torch.library.register_fake(lib + "batch_stage")
+    def _(y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(y, memory_format=torch.contiguous_format), y.new_empty(y.shape[0])
+
+    @torch.library.register_fake(lib + "batch_step")
+    def _(y, k, *args):  # type: ignore[no-untyped-def]
+        return y.new_empty(y.shape[0], dtype=torch.bool)
+
+    def batch_stage_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        _save_batch_stage(ctx, *inputs)
+        ctx.mark_non_differentiable(output[1])
+
+    def batch_stage_backward(ctx, grad, _grad_t):  # type: ignore[no-untyped-def]
+        return (*_batch_stage_grads(ctx, grad), None, None, None, None)
+
+    torch.library.register_autograd(lib + "batch_stage", batch_stage_backward, setup_context=batch_stage_setup)
+
     def stage_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
         _save_stage(ctx, *inputs)
 
@@ -171,6 +188,24 @@ def _dense_grads(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[no
     return grad.sum(0), _stage_grad(grad, ctx.k_shape, ctx.weights)
 
 
+def _save_batch_stage(ctx, y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float) -> None:  # type: ignore[no-untyped-def]
+    # Per-sample weights a[j] * h[b]: steps are data, not differentiated (as in odeint).
+    ctx.k_shape, ctx.weights = k.shape, torch.tensor(list(a), dtype=torch.float64, device=h.device)[:, None] * h
+
+
+def _batch_stage_grads(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[no-untyped-def]
+    return grad, batch_stage_grad(grad, ctx.k_shape, ctx.weights)
+
+
+def batch_stage_grad(grad: Tensor, k_shape: torch.Size, weights: Tensor) -> Tensor:
+    """d/dk of <grad, sum_j weights[j, b] k[j, b]> for per-sample (J, B) weights, J <= S stages."""
+    batch = grad.shape[0]
+    rows = weights.to(grad.dtype)[:, :, None] * grad.reshape(1, batch, -1)
+    out = grad.new_zeros((k_shape[0], batch, rows.shape[-1]))
+    out[: rows.shape[0]] = rows
+    return out.reshape(k_shape)
+
+
 def _stage_grad(grads: Tensor, k_shape: torch.Size, weights: list[list[float]]) -> Tensor:
     """d/dk of sum_m <grads[m], sum_j weights[m][j] k[j]>: (S, *state) from (M, *state) grads."""
     stages = k_shape[0]
@@ -208,6 +243,8 @@ def _kernel_or_reference(name: str) -> Callable[..., object]:
 rk_stage = _kernel_or_reference("rk_stage")
 rk_finalize = _kernel_or_reference("rk_finalize")
 rk_dense = _kernel_or_reference("rk_dense")
+batch_stage = _kernel_or_reference("batch_stage")
+batch_step = _kernel_or_reference("batch_step")
 
 
 class NoGradOps:
@@ -232,6 +269,8 @@ class NoGradOps:
         self.rk_stage = functools.partial(stage, keys)
         self.rk_finalize = functools.partial(finalize, keys)
         self.rk_dense = functools.partial(dense, keys)
+        self.batch_stage = functools.partial(torch.ops.flashode.batch_stage.default._handle.redispatch_boxed, keys)
+        self.batch_step = functools.partial(torch.ops.flashode.batch_step.default._handle.redispatch_boxed, keys)
 
 
 class AutogradOps:
@@ -240,6 +279,8 @@ class AutogradOps:
     rk_stage = staticmethod(rk_stage)
     rk_finalize = staticmethod(rk_finalize)
     rk_dense = staticmethod(rk_dense)
+    batch_stage = staticmethod(batch_stage)
+    batch_step = staticmethod(batch_step)
 
 
 class _StageFunction(torch.autograd.Function):
@@ -277,6 +318,75 @@ class _DenseFunction(torch.autograd.Function):
         return (None, *_dense_grads(ctx, grad), None, None, None)
 
 
+class _BatchStageFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel, y, k, a, h, t, c):  # type: ignore[no-untyped-def]
+        _save_batch_stage(ctx, y, k, a, h, t, c)
+        out, t_out = kernel(y, k, a, h, t, c)
+        ctx.mark_non_differentiable(t_out)
+        return out, t_out
+
+    @staticmethod
+    def backward(ctx, grad, _grad_t):  # type: ignore[no-untyped-def]
+        return (None, *_batch_stage_grads(ctx, grad), None, None, None, None)
+
+
+class _BatchStepFunction(torch.autograd.Function):
+    """batch_step under autograd: y_next, f_next and ys are written in place (marked dirty). Steps,
+    times and the accept decision are data, not differentiated (as in odeint).
+
+    Backward: y_next = y + [accept] h sum_j b_j k_j, f_next = k[S-1] or k[0], and each output
+    written in this step = y + h sum_j B_j(theta) k_j. Every output position is written by exactly
+    one step, so the gradient of ys passes through unchanged: earlier steps read only their own
+    positions."""
+
+    @staticmethod
+    def forward(ctx, kernel, y, k, rtol, atol, b, b_error, poly, t_eval, t_end, direction,  # type: ignore[no-untyped-def]
+                y_next, f_next, ys, t, dt, h, status, stats, next_out, history, controller, max_steps):
+        ctx.k_shape, ctx.b, ctx.poly = k.shape, list(b), list(poly)
+        t0, h0, first = t.clone(), h.clone(), next_out.clone()
+        accept = kernel(y, k, rtol, atol, b, b_error, poly, t_eval, t_end, direction, y_next, f_next, ys,
+                        t, dt, h, status, stats, next_out, history, controller, max_steps)
+        ctx.save_for_backward(t_eval, t0, h0, first, next_out.clone(), accept)
+        ctx.mark_dirty(y_next, f_next, ys)
+        ctx.mark_non_differentiable(accept)
+        return y_next, f_next, ys, accept
+
+    @staticmethod
+    def backward(ctx, grad_y_next, grad_f_next, grad_ys, _grad_accept):  # type: ignore[no-untyped-def]
+        t_eval, t0, h, first, last, accept = ctx.saved_tensors
+        stages, batch = ctx.k_shape[0], ctx.k_shape[1]
+        like = grad_y_next if grad_y_next is not None else grad_ys
+        rows = like.reshape(batch, -1)
+        grad_y = torch.zeros_like(rows) if grad_y_next is None else grad_y_next.reshape(batch, -1).clone()
+        grad_k = rows.new_zeros((stages, batch, rows.shape[1]))
+        step = torch.where(accept, h, 0.0)
+        if grad_y_next is not None:
+            b = torch.tensor(ctx.b, dtype=torch.float64, device=h.device)[:, None]
+            grad_k += batch_stage_grad(grad_y_next.reshape(batch, -1), grad_k.shape, b * step)
+        if grad_f_next is not None:
+            g_f = grad_f_next.reshape(batch, -1)
+            grad_k[stages - 1] += accept[:, None] * g_f
+            grad_k[0] += (~accept)[:, None] * g_f
+        written = last - first
+        if grad_ys is not None and bool((written > 0).any()):
+            g_ys = grad_ys.reshape(batch, t_eval.shape[1], -1)
+            degree = len(ctx.poly) // stages
+            poly = torch.tensor(ctx.poly, dtype=torch.float64, device=h.device).reshape(stages, degree)
+            for m in range(int(written.max())):
+                valid = m < written
+                j = torch.where(valid, first + m, 0)
+                theta = (t_eval.gather(1, j[:, None])[:, 0] - t0) / torch.where(valid, h, 1.0)
+                powers = torch.stack([theta ** (p + 1) for p in range(degree)])
+                weights = (poly @ powers) * torch.where(valid, h, 0.0)
+                g = g_ys[torch.arange(batch, device=j.device), j] * valid[:, None]
+                grad_y += g
+                grad_k += batch_stage_grad(g, grad_k.shape, weights)
+        shape = ctx.k_shape[1:]
+        return (None, grad_y.reshape(shape), grad_k.reshape(ctx.k_shape), None, None, None, None, None, None, None,
+                None, None, None, grad_ys, None, None, None, None, None, None, None, None, None)
+
+
 class RecordingOps:
     """The ops for one device, for eager solves that record a graph: the same formulas as the
     registered autograd, as autograd.Functions around the device kernel. The registered op's
@@ -295,6 +405,13 @@ class RecordingOps:
     def rk_dense(self, y: Tensor, k: Tensor, poly: list[float], theta: list[float], h: float) -> Tensor:
         return _DenseFunction.apply(self._kernels.rk_dense, y, k, poly, theta, h)
 
+    def batch_stage(self, y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float) -> tuple[Tensor, Tensor]:
+        return _BatchStageFunction.apply(self._kernels.batch_stage, y, k, a, h, t, c)
+
+    def batch_step(self, *args: object) -> Tensor:
+        """As the kernel: y_next, f_next and ys are updated in place (and join the graph)."""
+        return _BatchStepFunction.apply(self._kernels.batch_step, *args)[3]
+
 
 class ReferenceOps:
     """The pure-PyTorch ops: differentiable in every autograd mode, forward mode included."""
@@ -302,6 +419,8 @@ class ReferenceOps:
     rk_stage = staticmethod(_reference.rk_stage)
     rk_finalize = staticmethod(_reference.rk_finalize)
     rk_dense = staticmethod(_reference.rk_dense)
+    batch_stage = staticmethod(_reference.batch_stage)
+    batch_step = staticmethod(_reference.batch_step)
 
 
 def _forward_ad_active() -> bool:
@@ -315,8 +434,8 @@ def ops_for(device: torch.device, record_graph: bool) -> NoGradOps | RecordingOp
     silently dropping tangents."""
     if _forward_ad_active() or device.type not in kernel_devices:
         return ReferenceOps()
-    if record_graph and torch.compiler.is_compiling():
-        return AutogradOps()  # what the compiler can trace: the registered ops and their formulas
+    if torch.compiler.is_compiling():
+        return AutogradOps()  # what the compiler can trace: the registered ops (and their formulas)
     # Built once per device type: looking ops up on torch.ops costs ~10 us.
     ops = _no_grad_ops_cache.get(device.type)
     if ops is None:

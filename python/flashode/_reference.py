@@ -7,6 +7,7 @@ They are written for clarity, not speed, and are differentiable by plain autogra
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -117,3 +118,114 @@ def rk_dense(y: Tensor, k: Tensor, poly: list[float], theta: list[float], h: flo
     if not weights:
         return y.new_empty((0, *y.shape))
     return torch.stack([_combine(y, k, row) for row in weights])
+
+
+# ----------------------------------------------------------------------------- batch-parallel ops
+# Same contracts as csrc/common/batch_args.h and csrc/cpu/batch_kernels.cpp: y (B, N), k (S, B, N),
+# per-sample float64 times and signed steps h (0 once a sample has stopped).
+
+RUNNING, SUCCESS, MAX_STEPS_REACHED, DT_UNDERFLOW, NON_FINITE = -1, 0, 1, 2, 3
+_F_EVALS, _STEPS, _ACCEPTED, _REJECTED = range(4)
+
+
+def _batch_rows(y: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    batch = y.shape[0]
+    return y.reshape(batch, -1), k.reshape(k.shape[0], batch, -1)
+
+
+def _batch_combine(y: Tensor, k: Tensor, weights: Tensor) -> Tensor:
+    """y + sum_j weights[j][:, None] * k[j] for (S, B) per-sample weights (zero weights skipped)."""
+    acc = torch.zeros_like(y)
+    for j in range(weights.shape[0]):
+        w = weights[j].to(y.dtype)[:, None]
+        acc = acc + torch.where(w != 0, w * k[j], torch.zeros_like(acc))
+    return y + acc
+
+
+def batch_stage(y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float) -> tuple[Tensor, Tensor]:
+    _check(y, k, len(a), "batch_stage")
+    y2, k2 = _batch_rows(y, k)
+    weights = torch.tensor(list(a), dtype=torch.float64, device=y.device)[:, None] * h if a else h.new_zeros((0, h.numel()))
+    out = torch.where((h == 0)[:, None], y2, _batch_combine(y2, k2, weights))
+    return out.reshape(y.shape), (t + c * h).to(y.dtype)
+
+
+def _propose_dt(controller: list[float], dt: Tensor, ratio: Tensor, history: Tensor) -> Tensor:
+    pid, safety, ifactor, dfactor, beta1, beta2, beta3 = controller[:7]
+    if pid:
+        floor = 1e-12
+        factor = safety * (1.0 / ratio.clamp_min(floor)) ** beta1
+        factor = factor * (1.0 / history[:, 0].clamp_min(floor)) ** beta2 * (1.0 / history[:, 1].clamp_min(floor)) ** beta3
+    else:
+        factor = safety / ratio**beta1
+    lower = torch.where(ratio < 1.0, 1.0, dfactor)
+    proposal = dt * torch.clamp(torch.maximum(factor, lower), max=ifactor)
+    proposal = torch.where(ratio == 0.0, dt * ifactor, proposal)
+    return torch.where(torch.isfinite(ratio), proposal, dt * dfactor)
+
+
+def batch_step(
+    y: Tensor, k: Tensor, rtol: Tensor, atol: Tensor, b: list[float], b_error: list[float], poly: list[float],
+    t_eval: Tensor, t_end: Tensor, direction: Tensor, y_next: Tensor, f_next: Tensor, ys: Tensor, t: Tensor,
+    dt: Tensor, h: Tensor, status: Tensor, stats: Tensor, next_out: Tensor, history: Tensor,
+    controller: list[float], max_steps: int,
+) -> Tensor:
+    _check(y, k, max(len(b), len(b_error)), "batch_step")
+    y2, k2 = _batch_rows(y, k)
+    batch, n = y2.shape
+    stages = k2.shape[0]
+    running = status == RUNNING
+    coef = functools.partial(torch.tensor, dtype=torch.float64, device=y.device)
+    y1 = _batch_combine(y2, k2, coef(list(b))[:, None] * h)
+    err = _batch_combine(torch.zeros_like(y2), k2, coef(list(b_error))[:, None] * h)
+    tol_rows = lambda tol: tol.reshape(-1, n) if tol.numel() > 1 else tol.reshape(1, 1)  # noqa: E731
+    scale = tol_rows(atol) + tol_rows(rtol) * torch.maximum(y2.abs(), y1.abs())
+    ratio = ((err / scale).double().pow(2).mean(1) if n else y2.new_zeros(batch, dtype=torch.float64)).sqrt()
+    ratio = torch.where(torch.isfinite(y1).all(1), ratio, math.nan)
+    accept = running & (ratio <= 1.0)
+
+    clip, stage_evals = controller[9] != 0.0, int(controller[10])
+    lands = (h == t_end - t) if clip else torch.zeros_like(accept)
+    t1 = torch.where(accept, torch.where(lands, t_end, t + h), t)
+    # Outputs: every t_eval this accepted step reached, in order from next_out.
+    degree = len(poly) // stages
+    poly_t = coef(list(poly)).reshape(stages, degree)
+    index = next_out.clone()
+    for j in range(t_eval.shape[1]):
+        write = accept & (index == j) & ((t_eval[:, j] - t1) * direction <= 0)
+        if bool(write.any()):
+            theta = torch.where(write, (t_eval[:, j] - t) / torch.where(h == 0, 1.0, h), 0.0)
+            powers = torch.stack([theta ** (p + 1) for p in range(degree)])  # (D, B)
+            weights = (poly_t @ powers) * h  # (S, B)
+            ys.view(batch, -1, n)[:, j] = torch.where(write[:, None], _batch_combine(y2, k2, weights), ys.view(batch, -1, n)[:, j])
+            index = index + write.long()
+    outputs_done = index >= t_eval.shape[1]
+
+    y_next.view(batch, n).copy_(torch.where(accept[:, None], y1, y2))
+    f_next.view(batch, n).copy_(torch.where(accept[:, None], k2[stages - 1], k2[0]))
+    proposal = torch.clamp(_propose_dt(controller, dt, ratio, history), max=controller[8])
+    new_stats = stats + running[:, None].long() * torch.stack(
+        [torch.full_like(next_out, stage_evals), torch.ones_like(next_out), accept.long(), (running & ~accept).long()], 1
+    )
+    new_history = torch.where(accept[:, None], torch.stack([ratio, history[:, 0]], 1), history)
+    remaining = (t_end - t1) * direction
+    success = accept & outputs_done & (remaining <= 0)
+    underflow = ~(proposal >= controller[7]) | ~(t1 + direction * proposal != t1) | ~(proposal < math.inf)
+    new_status = torch.where(
+        new_stats[:, _STEPS] >= max_steps,
+        MAX_STEPS_REACHED,
+        torch.where(underflow, torch.where(torch.isfinite(ratio), DT_UNDERFLOW, NON_FINITE), RUNNING),
+    )
+    new_status = torch.where(success, SUCCESS, new_status)
+    if clip:
+        proposal = torch.where((remaining > 0) & (proposal >= remaining), remaining, proposal)
+    new_h = torch.where(new_status == RUNNING, direction * proposal, 0.0)
+    keep = ~running  # stopped samples change nothing
+    t.copy_(torch.where(keep, t, t1))
+    dt.copy_(torch.where(keep | success, dt, proposal))
+    h.copy_(torch.where(keep, h, new_h))
+    status.copy_(torch.where(keep, status, new_status))
+    stats.copy_(new_stats)
+    next_out.copy_(torch.where(keep, next_out, index))
+    history.copy_(torch.where(keep[:, None], history, new_history))
+    return accept
