@@ -10,12 +10,14 @@ __version__ = "0.1.0"
 
 from ._config import show_config
 from .adjoint import odeint_adjoint
+from .batch import Solution, Status, solve_ivp
 from .dense import DenseSolution, odeint_dense
 from .errors import SolverError
 from .event_solve import odeint_event
 from .odeint import odeint
 
 __all__ = [
-    "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "DenseSolution", "show_config", "SolverError",
+    "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "DenseSolution", "solve_ivp", "Solution", "Status",
+    "show_config", "SolverError",
     "__version__",
 ]

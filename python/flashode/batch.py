@@ -243,7 +243,6 @@ class BatchSolver:
         self.ctrl = controller.pack(clip_to_end, self.stages - 1)
         self.max_steps = int(max_steps)
         self.record = torch.is_grad_enabled() and (problem.y0.requires_grad or _func_has_grad(problem.func))
-        self.ops = _ops.ops_for(problem.y0.device, self.record)
         # Called after every step as on_step(y, t, h, accept) with the step's start state, time and
         # signed step (the adjoint accumulates its parameter gradients here).
         self.on_step: Callable[[Tensor, Tensor, Tensor, Tensor], None] | None = None
@@ -266,10 +265,14 @@ class BatchSolver:
         ys[:, 0] = torch.where(at_start[:, None], y0, nan)
         self.ys = ys
 
-        f0 = self._checked_call(p.t_start.to(y0.dtype), y0)
-        finite = torch.isfinite(y0).all(1) & torch.isfinite(f0).all(1)
+        # A sample with a non-finite start is stopped and carried as zeros, so func never sees its
+        # NaN/inf (a NaN input would reach shared parameters' gradients as 0 * NaN).
+        finite = torch.isfinite(y0).all(1)
+        y_start = torch.where(finite[:, None], y0, 0.0)
+        f0 = self._checked_call(p.t_start.to(y0.dtype), y_start)
+        finite = finite & torch.isfinite(f0).all(1)
         if first_step is None:
-            dt, f_evals = self._initial_step(f0), 2
+            dt, f_evals = self._initial_step(y_start, f0), 2
         else:
             dt, f_evals = _per_sample_time(first_step, batch, "first_step", y0), 1
             if not bool((dt > 0).all()):
@@ -286,11 +289,11 @@ class BatchSolver:
         self.stats[:, 0] = f_evals
         self.dt = dt.contiguous()
         self.h = torch.where(status == Status.RUNNING, p.direction * dt, 0.0).contiguous()
-        self.y = y0.contiguous() if not y0.requires_grad else y0
+        self.y = y_start
         self.k = torch.empty((self.stages, *y0.shape), dtype=y0.dtype, device=y0.device)
         self.k[0] = torch.where(finite[:, None], f0, 0.0)
         if not self.record:
-            self.y = self.y.detach().clone()
+            self.y = self.y.detach()
             self.y_spare = torch.empty_like(self.y)
             self.k_spare = torch.empty_like(self.k)
 
@@ -303,13 +306,12 @@ class BatchSolver:
             raise ValueError(f"func(t, y) returned {out.dtype} for a {y.dtype} state")
         return out.reshape(y.shape)
 
-    def _initial_step(self, f0: Tensor) -> Tensor:
+    def _initial_step(self, y0: Tensor, f0: Tensor) -> Tensor:
         """Hairer, Nørsett & Wanner's starting step (as odeint takes it), per sample, in the state's
         dtype; non-finite samples get a placeholder (they never step)."""
         p = self.problem
         with torch.no_grad():
-            y0 = p.y0.detach()
-            f0 = f0.detach()
+            y0, f0 = y0.detach(), f0.detach()
             scale = p.atol + p.rtol * y0.abs()
             d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
             small = (d0 < 1e-5) | (d1 < 1e-5)
@@ -328,7 +330,8 @@ class BatchSolver:
     # -- the loop body: no host reads
 
     def step(self) -> None:
-        p, ops = self.problem, self.ops
+        p = self.problem
+        ops = _ops.ops_for(p.y0.device, self.record)  # per call: under torch.compile, the traceable ops
         y, k, h = self.y, self.k, self.h
         if self.on_step is not None:
             t_before, h_before = self.t.clone(), h.clone()

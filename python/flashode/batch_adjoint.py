@@ -119,7 +119,7 @@ class _BatchAdjoint(torch.autograd.Function):
         ends = [problem.t_eval[:, i] for i in range(outputs - 2, -1, -1)] + [problem.t_start]
         starts = [problem.t_eval[:, i] for i in range(outputs - 1, -1, -1)]
         for i, (t0, t1) in enumerate(zip(starts, ends)):
-            z = torch.cat([y, a], 1)
+            z = torch.cat([torch.where(ok, y, 0.0), a], 1)  # failed samples: finite inputs for func
             if bool((t0 != t1).any()):
                 z, first_step = _backward_interval(run, problem, field, accumulate, z, t0, t1, first_step, ok[:, 0])
             out = outputs - 2 - i  # the output reached at this interval's end (none for t_start)
