@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/batch_args.h"
+#include "cpu/cpu_clones.h"
 
 namespace flashode {
 namespace {
@@ -35,7 +36,8 @@ void for_each_sample_group(int64_t batch, int64_t n, const F& body) {
   });
 }
 
-// out[i] = y[i] + sum_j w[j] * k_row_j[i] over one sample's n elements (rows `stride` apart).
+// out[i] = y[i] + sum_j w[j] * k_row_j[i] over one sample's n elements (rows `stride` apart): the
+// dense outputs, a few per step at most.
 template <typename T>
 void combine_sample(const T* __restrict y, const T* __restrict k, int64_t stride, const double* w, int count,
                     T* __restrict out, int64_t n) {
@@ -53,28 +55,108 @@ void combine_sample(const T* __restrict y, const T* __restrict k, int64_t stride
   }
 }
 
+// The elements of a batch are walked flat, in tiles that may span several samples (a sample may
+// have only a couple of elements): each tile first spreads the per-sample step h over its
+// elements, so the stage loops below are plain vectorisable loops whatever N is. Weights are
+// (T)(coefficient * h), exactly the per-sample weights rk_stage/rk_finalize would use.
+struct TileSamples {
+  int64_t first;  // the sample of the tile's first element
+  int64_t offset;  // that element's index within its sample
+};
+
+inline TileSamples tile_start(int64_t i0, int64_t n) { return {i0 / n, i0 % n}; }
+
+// hb[i] = h of element i's sample; sample[i] = that sample's index, for len elements from `at`.
+inline void spread(const double* h, int64_t n, TileSamples at, int64_t len, double* hb, int64_t* sample) {
+  if (at.offset + len <= n) {  // one sample
+    std::fill(hb, hb + len, h[at.first]);
+    std::fill(sample, sample + len, at.first);
+    return;
+  }
+  int64_t b = at.first, r = at.offset;
+  for (int64_t i = 0; i < len; ++i) {
+    hb[i] = h[b];
+    sample[i] = b;
+    if (++r == n) {
+      r = 0;
+      ++b;
+    }
+  }
+}
+
+// Samples of at least this many elements are walked in tiles that never cross a sample boundary,
+// so every tile has one step h and its stage weights are scalars.
+constexpr int64_t kAlignedTilesFrom = 32;
+
+// Calls body(i0, len, at) for consecutive tiles covering [begin, end) (at: the first element's sample).
+template <typename F>
+inline void for_each_tile(int64_t begin, int64_t end, int64_t n, const F& body) {
+  for (int64_t i0 = begin; i0 < end;) {
+    const TileSamples at = tile_start(i0, n);
+    const int64_t len = std::min(end - i0, n >= kAlignedTilesFrom ? std::min(kTile, n - at.offset) : kTile);
+    body(i0, len, at);
+    i0 += len;
+  }
+}
+
+// acc[i] = sum_j (T)(w[j] * hb[i]) * k_j[i] over a tile (rows `stride` apart).
+template <typename T>
+inline void fold_stages(const T* __restrict k, int64_t stride, const double* w, int count, const double* __restrict hb,
+                        bool one_sample, int64_t len, T* __restrict acc) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = 0;
+  for (int j = 0; j < count; ++j) {
+    if (w[j] == 0.0) continue;
+    const double wj = w[j];
+    const T* __restrict row = k + j * stride;
+    if (one_sample) {
+      const T weight = static_cast<T>(wj * hb[0]);
+      for (int64_t i = 0; i < len; ++i) acc[i] += weight * row[i];
+    } else {
+      for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<T>(wj * hb[i]) * row[i];
+    }
+  }
+}
+
+// Runs body(begin, end) over the flat range [0, total) in fixed chunks (threaded when several).
+template <typename F>
+void for_each_flat_chunk(int64_t total, const F& body) {
+  const int64_t chunks = (total + kChunkElements - 1) / kChunkElements;
+  if (chunks <= 1) {
+    body(int64_t{0}, total);
+    return;
+  }
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(c * kChunkElements, std::min(total, (c + 1) * kChunkElements));
+  });
+}
+
+template <typename T>
+FLASHODE_CPU_CLONES void stage_range(const T* yp, const T* kp, int64_t total, int64_t n, const double* a, int count,
+                                     const double* hp, T* op, int64_t begin, int64_t end) {
+  double hb[kTile];
+  int64_t sample[kTile];
+  T acc[kTile];
+  for_each_tile(begin, end, n, [&](int64_t i0, int64_t len, TileSamples at) {
+    spread(hp, n, at, len, hb, sample);
+    fold_stages(kp + i0, total, a, count, hb, at.offset + len <= n, len, acc);
+    // A stopped sample (h = 0) keeps its state exactly, whatever k holds (0 * inf is NaN).
+    for (int64_t i = 0; i < len; ++i) op[i0 + i] = static_cast<T>(yp[i0 + i] + (hb[i] == 0.0 ? T(0) : acc[i]));
+  });
+}
+
 template <typename T>
 void batch_stage_impl(BatchStageCall& call) {
   const int64_t batch = call.y.size(0), n = batch == 0 ? 0 : call.y.numel() / batch;
-  const int64_t stride = batch * n;
+  const int64_t total = batch * n;
   const T* yp = call.y.const_data_ptr<T>();
   const T* kp = call.k.const_data_ptr<T>();
   const double* hp = call.h.const_data_ptr<double>();
   const double* tp = call.t.const_data_ptr<double>();
   T* op = call.out.mutable_data_ptr<T>();
   T* top = call.t_out.mutable_data_ptr<T>();
-  const int count = static_cast<int>(call.a.size());
-  for_each_sample_group(batch, n, [&](int64_t b0, int64_t b1) {
-    double w[kMaxStages];
-    for (int64_t b = b0; b < b1; ++b) {
-      top[b] = static_cast<T>(tp[b] + call.c * hp[b]);
-      if (hp[b] == 0.0) {  // a stopped sample: its stage state is its state, whatever k holds
-        std::copy(yp + b * n, yp + (b + 1) * n, op + b * n);
-        continue;
-      }
-      for (int j = 0; j < count; ++j) w[j] = call.a[j] * hp[b];
-      combine_sample(yp + b * n, kp + b * n, stride, w, count, op + b * n, n);
-    }
+  for (int64_t b = 0; b < batch; ++b) top[b] = static_cast<T>(tp[b] + call.c * hp[b]);
+  for_each_flat_chunk(total, [&](int64_t begin, int64_t end) {
+    stage_range(yp, kp, total, n, call.a.data(), static_cast<int>(call.a.size()), hp, op, begin, end);
   });
 }
 
@@ -85,57 +167,48 @@ std::tuple<Tensor, Tensor> batch_stage_cpu(Tensor y, Tensor k, std::vector<doubl
   return {call.out, call.t_out};
 }
 
-// One sample's finalisation: writes y1 and returns RMS(err / (atol + rtol max(|y|, |y1|))), NaN if
-// any y1 is not finite. Squares are summed in double in element order.
+// Pass 1 of batch_step over the samples [b0, b1): y1 into y_next, and per sample the sum of squared
+// scaled errors (in element order) and a finiteness sum (NaN once some y1 is not finite).
 template <typename T>
-double finalize_sample(const T* __restrict y, const T* __restrict k, int64_t stride, const double* wb,
-                       const double* we, int count, const T* rtol, const T* atol, bool tol_scalar,
-                       T* __restrict y1, int64_t n) {
-  double sumsq = 0.0;
-  T finite = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
-    const int64_t len = std::min(kTile, n - i0);
-    T acc[kTile], err[kTile];
-    for (int64_t i = 0; i < len; ++i) acc[i] = err[i] = 0;
-    for (int j = 0; j < count; ++j) {
-      const T* __restrict row = k + j * stride + i0;
-      if (wb[j] != 0.0) {
-        const T w = static_cast<T>(wb[j]);
-        for (int64_t i = 0; i < len; ++i) acc[i] += w * row[i];
-      }
-      if (we[j] != 0.0) {
-        const T w = static_cast<T>(we[j]);
-        for (int64_t i = 0; i < len; ++i) err[i] += w * row[i];
-      }
-    }
-    const T* __restrict y0 = y + i0;
-    T* __restrict y1t = y1 + i0;
-    for (int64_t i = 0; i < len; ++i) y1t[i] = static_cast<T>(y0[i] + acc[i]);
-    double partial = 0.0;
-    if (tol_scalar) {
-      const T rt = rtol[0], at = atol[0];
-#pragma omp simd reduction(+ : partial)
-      for (int64_t i = 0; i < len; ++i) {
-        const double r = err[i] / (at + rt * std::max(std::abs(y0[i]), std::abs(y1t[i])));
-        partial += r * r;
-      }
+FLASHODE_CPU_CLONES void finalize_samples(const BatchStepCall& call, int64_t b0, int64_t b1, double* sumsq, double* finite) {
+  const int64_t n = call.n, total = call.batch * n;
+  const int count = static_cast<int>(call.b.size());
+  const T* yp = call.y.const_data_ptr<T>();
+  const T* kp = call.k.const_data_ptr<T>();
+  const T* rp = call.rtol.const_data_ptr<T>();
+  const T* ap = call.atol.const_data_ptr<T>();
+  const double* hp = call.h.const_data_ptr<double>();
+  T* y1p = call.y_next.mutable_data_ptr<T>();
+  double hb[kTile], sq[kTile];
+  int64_t sample[kTile];
+  T acc[kTile], err[kTile], rt[kTile], at[kTile];
+  for (int64_t b = b0; b < b1; ++b) sumsq[b - b0] = finite[b - b0] = 0.0;
+  for_each_tile(b0 * n, b1 * n, n, [&](int64_t i0, int64_t len, TileSamples at0) {
+    spread(hp, n, at0, len, hb, sample);
+    const bool one_sample = at0.offset + len <= n;
+    fold_stages(kp + i0, total, call.b.data(), count, hb, one_sample, len, acc);
+    fold_stages(kp + i0, total, call.b_error.data(), count, hb, one_sample, len, err);
+    const T* __restrict y0 = yp + i0;
+    T* __restrict y1 = y1p + i0;
+    for (int64_t i = 0; i < len; ++i) y1[i] = static_cast<T>(y0[i] + acc[i]);
+    // Tolerances: one value, one per element (shared by the samples), or one per sample and element.
+    if (call.tol_scalar) {
+      for (int64_t i = 0; i < len; ++i) rt[i] = rp[0], at[i] = ap[0];
+    } else if (call.tol_stride != 0) {
+      std::copy(rp + i0, rp + i0 + len, rt);
+      std::copy(ap + i0, ap + i0 + len, at);
     } else {
-      const T* __restrict rt = rtol + i0;
-      const T* __restrict at = atol + i0;
-#pragma omp simd reduction(+ : partial)
-      for (int64_t i = 0; i < len; ++i) {
-        const double r = err[i] / (at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1t[i])));
-        partial += r * r;
-      }
+      for (int64_t i = 0, r = at0.offset; i < len; ++i, r = (r + 1 == n ? 0 : r + 1)) rt[i] = rp[r], at[i] = ap[r];
     }
-    sumsq += partial;
-    T f = 0;  // a sum of zeros, NaN once some y1 is inf or NaN
-#pragma omp simd reduction(+ : f)
-    for (int64_t i = 0; i < len; ++i) f += y1t[i] - y1t[i];
-    finite += f;
-  }
-  if (finite != finite) return std::numeric_limits<double>::quiet_NaN();
-  return n == 0 ? 0.0 : std::sqrt(sumsq / static_cast<double>(n));
+    for (int64_t i = 0; i < len; ++i) {
+      const double ratio = err[i] / (at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1[i])));
+      sq[i] = ratio * ratio;
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      sumsq[sample[i] - b0] += sq[i];
+      finite[sample[i] - b0] += static_cast<double>(y1[i] - y1[i]);
+    }
+  });
 }
 
 template <typename T>
@@ -146,8 +219,6 @@ void batch_step_impl(BatchStepCall& call) {
   const Controller& ctrl = call.ctrl;
   const T* yp = call.y.const_data_ptr<T>();
   const T* kp = call.k.const_data_ptr<T>();
-  const T* rp = call.rtol.const_data_ptr<T>();
-  const T* ap = call.atol.const_data_ptr<T>();
   const double* t_eval = call.t_eval.const_data_ptr<double>();
   const double* t_end = call.t_end.const_data_ptr<double>();
   const double* dir = call.dir.const_data_ptr<double>();
@@ -162,29 +233,22 @@ void batch_step_impl(BatchStepCall& call) {
   int64_t* next_out = call.next_out.mutable_data_ptr<int64_t>();
   double* history = call.history.mutable_data_ptr<double>();
   bool* accept_out = call.accept.mutable_data_ptr<bool>();
-  const int64_t per_element = call.rtol.numel() == 1 ? 0 : 1;  // rtol/atol indexed per element
   const T* last_row = kp + (count - 1) * stride;
 
   for_each_sample_group(batch, n, [&](int64_t b0, int64_t b1) {
-    double wb[kMaxStages], we[kMaxStages], wd[kMaxStages];
+    std::vector<double> sumsq(b1 - b0), finite(b1 - b0);
+    finalize_samples<T>(call, b0, b1, sumsq.data(), finite.data());
+    double wd[kMaxStages];
     for (int64_t b = b0; b < b1; ++b) {
       const T* y = yp + b * n;
-      T* yn = y_next + b * n;
-      T* fn = f_next + b * n;
       if (status[b] != kRunning) {  // stopped: state and carried stage stay as they are
-        std::copy(y, y + n, yn);
-        std::copy(kp + b * n, kp + (b + 1) * n, fn);
         accept_out[b] = false;
         continue;
       }
       const double h = hp[b], t0 = tp[b];
-      for (int j = 0; j < count; ++j) {
-        wb[j] = call.b[j] * h;
-        we[j] = call.b_error[j] * h;
-      }
-      const T* rt = rp + per_element * b * call.tol_stride;
-      const T* at = ap + per_element * b * call.tol_stride;
-      const double ratio = finalize_sample(y, kp + b * n, stride, wb, we, count, rt, at, call.tol_scalar, yn, n);
+      const double ratio = finite[b - b0] != finite[b - b0]
+                               ? std::numeric_limits<double>::quiet_NaN()
+                               : (n == 0 ? 0.0 : std::sqrt(sumsq[b - b0] / static_cast<double>(n)));
       const bool accept = ratio <= 1.0;
       accept_out[b] = accept;
       double t1 = t0;
@@ -199,13 +263,15 @@ void batch_step_impl(BatchStepCall& call) {
           combine_sample(y, kp + b * n, stride, wd, count, ys + (b * outputs + j) * n, n);
         }
         next_out[b] = j;
-        std::copy(last_row + b * n, last_row + (b + 1) * n, fn);
-      } else {
-        std::copy(y, y + n, yn);
-        std::copy(kp + b * n, kp + (b + 1) * n, fn);
       }
       const SampleState s{tp + b, dtp + b, hp + b, status + b, stats + b * kStatColumns, history + 2 * b};
       advance_sample(ctrl, s, ratio, accept, t1, j >= outputs, t_end[b], dir[b]);
+    }
+    // Pass 3: a rejected or stopped sample keeps y, and carries k[0]; an accepted one carries k[S-1].
+    for (int64_t i = b0 * n; i < b1 * n; ++i) {
+      const bool accepted = accept_out[i / n];
+      if (!accepted) y_next[i] = yp[i];
+      f_next[i] = accepted ? last_row[i] : kp[i];
     }
   });
 }
