@@ -12,6 +12,7 @@
 #   5. python benchmarks/overhead.py --device cuda --grad
 #   6. python benchmarks/adjoint.py --device cuda (odeint_adjoint fwd+bwd vs torchdiffeq)
 #   7. python benchmarks/parity.py --device cuda --quick (events, Adams, rk4, dense output vs torchdiffeq)
+#   8. python benchmarks/batch.py --device cuda --quick (solve_ivp per-sample steps vs torchode/torchdiffeq)
 # then a summary table. Every step's output goes to $OUT (when set; the device tool returns files
 # written there) or to a temporary folder. Exit status: 0 when no step failed.
 #
@@ -143,8 +144,9 @@ if '$DEVICE' == 'cuda' and 'cuda' not in _ops.kernel_devices:
   run_step overhead 90 python benchmarks/overhead.py --device "$DEVICE" --grad "${QUICK_FLAG[@]}" || true
   run_step adjoint 90 python benchmarks/adjoint.py --device "$DEVICE" "${QUICK_FLAG[@]}" || true
   run_step parity 60 python benchmarks/parity.py --device "$DEVICE" --quick || true
+  run_step batch 60 python benchmarks/batch.py --device "$DEVICE" --quick || true
 else
-  for step in show_config pytest_cuda kernels overhead adjoint parity; do record "$step" "skipped (install failed)" 0; done
+  for step in show_config pytest_cuda kernels overhead adjoint parity batch; do record "$step" "skipped (install failed)" 0; done
 fi
 
 # summary
@@ -155,7 +157,7 @@ fi
   echo "|---|---|---:|"
   printf '%s\n' "${ROWS[@]}"
 } >"$SUMMARY"
-for step in kernels overhead adjoint parity; do
+for step in kernels overhead adjoint parity batch; do
   if [[ -s "$LOG_DIR/$step.log" ]]; then
     { echo; echo "### $step tables"; echo; sed -n '/^|/p;/^Note:/p' "$LOG_DIR/$step.log"; } >>"$SUMMARY"
   fi

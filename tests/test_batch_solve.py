@@ -113,6 +113,9 @@ def test_check_every_and_reference_path_give_the_same_solution():
         with _ops.reference_path():
             ref = solve_ivp(van_der_pol(mus), y0, t, rtol=1e-6, atol=1e-8)
     assert torch.equal(base.ys, other.ys) and torch.equal(base.stats["n_steps"], other.stats["n_steps"])
+    # the loop reads the device once before starting and once per chunk of check_every steps
+    longest = int(base.stats["n_steps"].max())
+    assert base.loop_reads == 1 + longest and other.loop_reads == 1 + math.ceil(longest / 7)
     torch.testing.assert_close(ref.ys, base.ys, rtol=1e-9, atol=1e-10)
     assert torch.equal(ref.stats["n_steps"], base.stats["n_steps"])
 

@@ -46,7 +46,8 @@ class Solution:
 
     ts: (B, T) output times; ys: (B, T, *y0.shape[1:]) states there (NaN where a sample stopped
     before reaching the time); status: (B,) `Status` codes; t_final: (B,) the time each sample
-    reached; stats: per-sample int64 counts `n_f_evals`, `n_steps`, `n_accepted`, `n_rejected`.
+    reached; stats: per-sample int64 counts `n_f_evals`, `n_steps`, `n_accepted`, `n_rejected`;
+    loop_reads: how many device->host reads the step loop made (about steps / check_every).
     `n_f_evals` counts the evaluations of func while the sample was running; func is called on the
     whole batch every time, finished samples included.
     """
@@ -56,6 +57,7 @@ class Solution:
     status: Tensor
     t_final: Tensor
     stats: dict[str, Tensor]
+    loop_reads: int = 0  # device->host reads the step loop made (one per check_every steps)
 
     @property
     def success(self) -> Tensor:
@@ -246,6 +248,7 @@ class BatchSolver:
         # Called after every step as on_step(y, t, h, accept) with the step's start state, time and
         # signed step (the adjoint accumulates its parameter gradients here).
         self.on_step: Callable[[Tensor, Tensor, Tensor, Tensor], None] | None = None
+        self.loop_reads = 0
         self._start(first_step, controller, clip_to_end)
 
     # -- setup (host reads allowed)
@@ -364,6 +367,7 @@ class BatchSolver:
 
     def running(self) -> bool:
         """Whether any sample is still running (the loop's one device->host read)."""
+        self.loop_reads += 1
         return bool((self.status == Status.RUNNING).any())
 
     def solve(self, check_every: int, cuda_graph: bool) -> None:
@@ -400,7 +404,7 @@ class BatchSolver:
     def solution(self, t_eval_user: Tensor) -> Solution:
         stats = {name: self.stats[:, i] for i, name in enumerate(("n_f_evals", "n_steps", "n_accepted", "n_rejected"))}
         shape = (self.problem.shape[0], self.problem.t_eval.shape[1], *self.problem.shape[1:])
-        return Solution(t_eval_user, self.ys.reshape(shape), self.status, self.t, stats)
+        return Solution(t_eval_user, self.ys.reshape(shape), self.status, self.t, stats, self.loop_reads)
 
 
 def _func_has_grad(func: Callable[..., Any]) -> bool:

@@ -192,4 +192,4 @@ def solve_with_adjoint(
         ys = solver.ys
     shape = (problem.shape[0], problem.t_eval.shape[1], *problem.shape[1:])
     stats = {name: solver.stats[:, i] for i, name in enumerate(("n_f_evals", "n_steps", "n_accepted", "n_rejected"))}
-    return Solution(t_user, ys.reshape(shape), solver.status, solver.t, stats)
+    return Solution(t_user, ys.reshape(shape), solver.status, solver.t, stats, solver.loop_reads)
