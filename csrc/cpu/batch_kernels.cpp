@@ -268,10 +268,14 @@ void batch_step_impl(BatchStepCall& call) {
       advance_sample(ctrl, s, ratio, accept, t1, j >= outputs, t_end[b], dir[b]);
     }
     // Pass 3: a rejected or stopped sample keeps y, and carries k[0]; an accepted one carries k[S-1].
-    for (int64_t i = b0 * n; i < b1 * n; ++i) {
-      const bool accepted = accept_out[i / n];
-      if (!accepted) y_next[i] = yp[i];
-      f_next[i] = accepted ? last_row[i] : kp[i];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * n;
+      if (accept_out[b]) {
+        std::copy(last_row + i0, last_row + i0 + n, f_next + i0);
+      } else {
+        std::copy(yp + i0, yp + i0 + n, y_next + i0);
+        std::copy(kp + i0, kp + i0 + n, f_next + i0);
+      }
     }
   });
 }
