@@ -50,7 +50,9 @@ def test_each_sample_takes_odeints_steps(method):
     t = torch.linspace(0, 4, 9, dtype=F64)
     rtol, atol = 1e-6, 1e-8
     with torch.no_grad():
-        sol = solve_ivp(van_der_pol(torch.tensor(mus, dtype=F64)), y0, t, method=method, rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            van_der_pol(torch.tensor(mus, dtype=F64)), y0, t, method=method, rtol=rtol, atol=atol, clip_to_end=False
+        )
     assert (sol.status == Status.SUCCESS).all()
     for b, mu in enumerate(mus):
         counted = CountingField(single_vdp(mu))
@@ -74,16 +76,30 @@ def test_per_sample_spans_directions_and_output_times():
     ])
     t_start = torch.tensor([0.0, 0.0, 0.0], dtype=F64)
     t_end = torch.tensor([3.0, -2.5, 2.5], dtype=F64)
+    seen = []
+
+    def field(t, y):
+        seen.append(t.clone())
+        return van_der_pol(mus)(t, y)
+
+    kw = dict(t_start=t_start, t_end=t_end, rtol=1e-8, atol=1e-10)
     with torch.no_grad():
-        sol = solve_ivp(van_der_pol(mus), y0, t_eval, t_start=t_start, t_end=t_end, rtol=1e-8, atol=1e-10)
-    assert (sol.status == Status.SUCCESS).all()
-    torch.testing.assert_close(sol.t_final, torch.tensor([3.0, -2.5, 2.5], dtype=F64), rtol=0, atol=1.0)
-    assert sol.t_final[2] >= 2.5 and sol.t_final[1] <= -2.5  # no clipping: the last step may pass t_end
+        stepping_past = solve_ivp(van_der_pol(mus), y0, t_eval, clip_to_end=False, **kw)
+        sol = solve_ivp(field, y0, t_eval, **kw)
+    for result in (stepping_past, sol):
+        assert (result.status == Status.SUCCESS).all()
+    assert stepping_past.t_final[2] >= 2.5 and stepping_past.t_final[1] <= -2.5  # the last step passed t_end
+    # by default the last step lands on t_end exactly, and func never sees a time beyond it
+    assert torch.equal(sol.t_final, t_end)
+    seen = torch.stack(seen)
+    assert ((seen.double() - t_end) * torch.tensor([1.0, -1.0, 1.0], dtype=F64) <= 0).all()
+    assert ((seen.double() - t_start) * torch.tensor([1.0, -1.0, 1.0], dtype=F64) >= 0).all()
     for b in range(3):
         times = t_eval[b] if b < 2 else torch.cat([t_start[2:], t_eval[2]])
         with torch.no_grad():
             ref = flashode.odeint(single_vdp(float(mus[b])), y0[b], times, rtol=1e-8, atol=1e-10)
-        torch.testing.assert_close(sol.ys[b], ref[-5:], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stepping_past.ys[b], ref[-5:], rtol=1e-12, atol=1e-12)  # odeint's steps
+        torch.testing.assert_close(sol.ys[b], ref[-5:], rtol=1e-6, atol=1e-7)
 
 
 def test_trailing_shape_and_float32():
@@ -168,7 +184,8 @@ def test_failing_samples_get_a_status_and_do_not_spoil_the_others():
         torch.testing.assert_close(sol.ys[b, :, 0], exact, rtol=1e-6, atol=1e-8)
     assert torch.isnan(sol.ys[1, 3:]).all() and torch.isnan(sol.ys[2, 2:]).all()  # never reached
     assert torch.isfinite(sol.ys[2, :2]).all()
-    with pytest.raises(flashode.SolverError, match=r"2 of 4 samples failed: sample 1: \w+ at t=(0\.99|1\.0).*sample 2: NON_FINITE at t=0\.[0-5]"):
+    expected = r"2 of 4 samples failed: sample 1: \w+ at t=(0\.99|1\.0).*sample 2: NON_FINITE at t=0\.[0-5]"
+    with pytest.raises(flashode.SolverError, match=expected):
         sol.raise_for_status()
 
 

@@ -83,9 +83,9 @@ class _ParameterAdjoint:
 
 
 def _solve_forward(problem: BatchProblem, tableau: Tableau, ctrl: Controller, first_step: Any, max_steps: int,
-                   check_every: int, cuda_graph: bool) -> BatchSolver:
+                   clip_to_end: bool, check_every: int, cuda_graph: bool) -> BatchSolver:
     with torch.no_grad():
-        solver = BatchSolver(problem, tableau, ctrl, first_step, max_steps)
+        solver = BatchSolver(problem, tableau, ctrl, first_step, max_steps, clip_to_end)
         solver.solve(check_every, cuda_graph)
     return solver
 
@@ -94,7 +94,7 @@ class _BatchAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: dict[str, Any], y0: Tensor, *params: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
         solver = _solve_forward(run["problem"], run["tableau"], run["ctrl"], run["first_step"], run["max_steps"],
-                                run["check_every"], run["cuda_graph"])
+                                run["clip_to_end"], run["check_every"], run["cuda_graph"])
         run["solver"] = solver
         ctx.run = run
         ys = solver.ys
@@ -157,8 +157,8 @@ def _backward_interval(
 
 
 def solve_with_adjoint(
-    problem: BatchProblem, tableau: Tableau, ctrl: Controller, first_step: Any, max_steps: int, check_every: int,
-    cuda_graph: bool, t_user: Tensor, adjoint_rtol: Any, adjoint_atol: Any, adjoint_params: Any,
+    problem: BatchProblem, tableau: Tableau, ctrl: Controller, first_step: Any, max_steps: int, clip_to_end: bool,
+    check_every: int, cuda_graph: bool, t_user: Tensor, adjoint_rtol: Any, adjoint_atol: Any, adjoint_params: Any,
 ) -> Solution:
     func = problem.func
     if adjoint_params is None:
@@ -175,12 +175,13 @@ def solve_with_adjoint(
     aug_like = torch.cat([problem.y0, problem.y0], 1)
 
     def tolerance(value: Any, default: Tensor) -> Tensor:
-        tol = default if value is None else _batch_tolerance(value, problem.y0.reshape(problem.shape), "adjoint tolerance")
+        user_y0 = problem.y0.reshape(problem.shape)
+        tol = default if value is None else _batch_tolerance(value, user_y0, "adjoint tolerance")
         return tol if tol.dim() == 0 else torch.cat([tol, tol], 1).reshape(aug_like.shape[0], 2 * n)
 
     run = dict(
         problem=problem, tableau=tableau, ctrl=ctrl, first_step=first_step, max_steps=max_steps,
-        check_every=check_every, cuda_graph=cuda_graph, params=params,
+        clip_to_end=clip_to_end, check_every=check_every, cuda_graph=cuda_graph, params=params,
         adjoint_rtol=tolerance(adjoint_rtol, problem.rtol), adjoint_atol=tolerance(adjoint_atol, problem.atol),
     )
     y0 = problem.y0
@@ -188,7 +189,7 @@ def solve_with_adjoint(
         ys = _BatchAdjoint.apply(run, y0, *params)
         solver = run["solver"]
     else:
-        solver = _solve_forward(problem, tableau, ctrl, first_step, max_steps, check_every, cuda_graph)
+        solver = _solve_forward(problem, tableau, ctrl, first_step, max_steps, clip_to_end, check_every, cuda_graph)
         ys = solver.ys
     shape = (problem.shape[0], problem.t_eval.shape[1], *problem.shape[1:])
     stats = {name: solver.stats[:, i] for i, name in enumerate(("n_f_evals", "n_steps", "n_accepted", "n_rejected"))}
