@@ -481,7 +481,9 @@ def solve_ivp(
             own steps (memory independent of the number of steps) instead of backpropagating
             through the solver; gradients flow to y0 and to ``adjoint_params`` (default: func's
             parameters if func is an nn.Module). ``adjoint_rtol``/``adjoint_atol`` default to
-            rtol/atol.
+            rtol/atol and control each sample's state and adjoint together (RMS over both); the
+            parameter gradients, shared by the batch, are integrated with the same steps but not
+            error-controlled (a seminorm). Samples that failed forward get zero gradients.
         cuda_graph: on CUDA, capture a chunk of ``check_every`` steps as a CUDA graph once and
             replay it (func must be capturable: no host syncs or CPU tensors inside).
 
