@@ -35,7 +35,9 @@ STABLE_TORCH_LIBRARY(flashode, m) {
   // reached written to ys (B, T, N) from the dense output `poly` (as rk_dense), then the new t, dt,
   // h, status, stats (B, 4: f-evals, steps, accepted, rejected), next output index and PID history
   // from the controller (batch_args.h: Controller). Stopped samples copy y and k[0] and change
-  // nothing else. Returns the accept mask (B,) bool.
+  // nothing else. Returns the accept mask (B,) bool. No autograd formula is registered (an op that
+  // writes its outputs in place cannot have one): recorded eager solves wrap the kernel in an
+  // autograd.Function (python/flashode/_ops.py: _BatchStepFunction).
   m.def(
       "batch_step(Tensor y, Tensor k, Tensor rtol, Tensor atol, float[] b, float[] b_error, float[] poly, "
       "Tensor t_eval, Tensor t_end, Tensor direction, Tensor(a!) y_next, Tensor(b!) f_next, Tensor(c!) ys, "

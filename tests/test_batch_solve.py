@@ -436,3 +436,33 @@ def test_cuda_adjoint_matches_backprop():
     torch.testing.assert_close(g_adj, g_bp, rtol=1e-6, atol=1e-8)
     for a, b in zip(p_adj, p_bp):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_mixed_tolerance_shapes():
+    """A scalar rtol with per-element atol (and per-sample rows) solves as the reference path does."""
+    y0 = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    t = torch.linspace(0, 1, 4, dtype=F64)
+    for atol in (torch.tensor([1e-8, 1e-10], dtype=F64), torch.full((3, 1), 1e-9, dtype=F64)):
+        with torch.no_grad():
+            sol = solve_ivp(lambda t, y: -y, y0, t, rtol=1e-6, atol=atol)
+            with _ops.reference_path():
+                ref = solve_ivp(lambda t, y: -y, y0, t, rtol=1e-6, atol=atol)
+        torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(sol.ys, y0[:, None] * torch.exp(-t)[None, :, None], rtol=1e-5, atol=1e-7)
+
+
+def test_torch_compile_of_a_model_with_a_solve_gives_eagers_gradients():
+    """solve_ivp is a graph break under torch.compile (it runs eagerly), so a compiled model that
+    contains it backpropagates through the same steps."""
+    y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+
+    def loss(y):
+        return solve_ivp(lambda t, y: -y * y, y, t, rtol=1e-9, atol=1e-11).ys.sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss)):
+        y = y0.clone().requires_grad_()
+        fn(y).backward()
+        grads.append(y.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)

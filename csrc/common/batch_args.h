@@ -173,6 +173,20 @@ inline BatchStageCall prepare_batch_stage(const Tensor& y, const Tensor& k, cons
   return call;
 }
 
+// How a tolerance tensor covers the (B, N) state: one value, one per element (shared by the
+// samples), or one per sample and element. rtol and atol are sized independently.
+enum class ToleranceLayout : int { kScalar, kPerElement, kPerSampleElement };
+
+// The tolerance's index for flat element i = b * N + r.
+FLASHODE_HOST_DEVICE inline int64_t tolerance_index(ToleranceLayout layout, int64_t i, int64_t r) {
+  return layout == ToleranceLayout::kScalar ? 0 : layout == ToleranceLayout::kPerElement ? r : i;
+}
+
+inline ToleranceLayout tolerance_layout(const Tensor& tol, int64_t n) {
+  if (tol.numel() == 1) return ToleranceLayout::kScalar;
+  return tol.numel() == n ? ToleranceLayout::kPerElement : ToleranceLayout::kPerSampleElement;
+}
+
 struct BatchStepCall {
   Tensor y, k, rtol, atol, t_eval, t_end, dir;
   Tensor y_next, f_next, ys, t, dt, h, status, stats, next_out, history, accept;
@@ -180,8 +194,7 @@ struct BatchStepCall {
   int degree;
   Controller ctrl;
   int64_t batch, n, outputs;
-  int64_t tol_stride;  // per-sample offset into rtol/atol: 0 (shared) or n (one row per sample)
-  bool tol_scalar;
+  ToleranceLayout rtol_layout, atol_layout;
 };
 
 inline void check_batch_tolerance(const Tensor& tol, const Tensor& y, int64_t batch, int64_t n, const char* name) {
@@ -236,11 +249,7 @@ inline BatchStepCall prepare_batch_step(const Tensor& y, const Tensor& k, const 
   BatchStepCall call{as_contiguous(y), as_contiguous(k), as_contiguous(rtol), as_contiguous(atol), t_eval, t_end,
                      dir, y_next, f_next, ys, t, dt, h, status, stats, next_out, history, Tensor(), b, b_error, poly,
                      static_cast<int>(poly.size() / stages), unpack_controller(controller, max_steps), batch, n,
-                     outputs, 0, false};
-  call.tol_scalar = call.rtol.numel() == 1 && call.atol.numel() == 1;
-  call.tol_stride = (call.rtol.numel() == batch * n && batch > 1) ? n : 0;
-  STD_TORCH_CHECK(call.tol_scalar || call.rtol.numel() == call.atol.numel(),
-                  "flashode.batch_step: rtol and atol must have the same number of values when not scalars");
+                     outputs, tolerance_layout(rtol, n), tolerance_layout(atol, n)};
   call.accept = new_contiguous(call.y, {batch}, aoti_torch_dtype_bool());
   return call;
 }

@@ -192,13 +192,9 @@ FLASHODE_CPU_CLONES void finalize_samples(const BatchStepCall& call, int64_t b0,
     T* __restrict y1 = y1p + i0;
     for (int64_t i = 0; i < len; ++i) y1[i] = static_cast<T>(y0[i] + acc[i]);
     // Tolerances: one value, one per element (shared by the samples), or one per sample and element.
-    if (call.tol_scalar) {
-      for (int64_t i = 0; i < len; ++i) rt[i] = rp[0], at[i] = ap[0];
-    } else if (call.tol_stride != 0) {
-      std::copy(rp + i0, rp + i0 + len, rt);
-      std::copy(ap + i0, ap + i0 + len, at);
-    } else {
-      for (int64_t i = 0, r = at0.offset; i < len; ++i, r = (r + 1 == n ? 0 : r + 1)) rt[i] = rp[r], at[i] = ap[r];
+    for (int64_t i = 0, r = at0.offset; i < len; ++i, r = (r + 1 == n ? 0 : r + 1)) {
+      rt[i] = rp[tolerance_index(call.rtol_layout, i0 + i, r)];
+      at[i] = ap[tolerance_index(call.atol_layout, i0 + i, r)];
     }
     for (int64_t i = 0; i < len; ++i) {
       const double ratio = err[i] / (at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1[i])));

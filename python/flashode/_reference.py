@@ -158,7 +158,7 @@ def _propose_dt(controller: list[float], dt: Tensor, ratio: Tensor, history: Ten
         factor = factor * (1.0 / history[:, 0].clamp_min(floor)) ** beta2 * (1.0 / history[:, 1].clamp_min(floor)) ** beta3
     else:
         factor = safety / ratio**beta1
-    lower = torch.where(ratio < 1.0, 1.0, dfactor)
+    lower = torch.where(ratio < 1.0, torch.ones_like(ratio), torch.full_like(ratio, dfactor))
     proposal = dt * torch.clamp(torch.maximum(factor, lower), max=ifactor)
     proposal = torch.where(ratio == 0.0, dt * ifactor, proposal)
     return torch.where(torch.isfinite(ratio), proposal, dt * dfactor)
@@ -179,9 +179,11 @@ def batch_step(
     y1 = _batch_combine(y2, k2, coef(list(b))[:, None] * h)
     err = _batch_combine(torch.zeros_like(y2), k2, coef(list(b_error))[:, None] * h)
     tol_rows = lambda tol: tol.reshape(-1, n) if tol.numel() > 1 else tol.reshape(1, 1)  # noqa: E731
-    scale = tol_rows(atol) + tol_rows(rtol) * torch.maximum(y2.abs(), y1.abs())
-    ratio = ((err / scale).double().pow(2).mean(1) if n else y2.new_zeros(batch, dtype=torch.float64)).sqrt()
-    ratio = torch.where(torch.isfinite(y1).all(1), ratio, math.nan)
+    # Step-size control is data, not differentiated: the ratio and everything after it are detached.
+    scale = tol_rows(atol) + tol_rows(rtol) * torch.maximum(y2.detach().abs(), y1.detach().abs())
+    scaled = (err.detach() / scale).double()
+    ratio = (scaled.pow(2).mean(1) if n else y2.new_zeros(batch, dtype=torch.float64)).sqrt()
+    ratio = torch.where(torch.isfinite(y1.detach()).all(1), ratio, math.nan)
     accept = running & (ratio <= 1.0)
 
     clip, stage_evals = controller[9] != 0.0, int(controller[10])

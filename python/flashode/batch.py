@@ -63,7 +63,7 @@ class Solution:
     @property
     def success(self) -> Tensor:
         """(B,) bool: which samples reached every output time."""
-        return self.status == Status.SUCCESS
+        return self.status == int(Status.SUCCESS)
 
     def raise_for_status(self) -> None:
         """Raise SolverError naming every sample that did not succeed, its status and the time it
@@ -261,7 +261,7 @@ class BatchSolver:
         y0, batch, outputs = p.y0, p.y0.shape[0], p.t_eval.shape[1]
         f64 = dict(dtype=torch.float64, device=y0.device)
         self.t = p.t_start.clone()
-        self.status = torch.full((batch,), Status.RUNNING, dtype=torch.int64, device=y0.device)
+        self.status = torch.full((batch,), int(Status.RUNNING), dtype=torch.int64, device=y0.device)
         self.stats = torch.zeros((batch, 4), dtype=torch.int64, device=y0.device)
         self.history = torch.ones((batch, 2), **f64)
         at_start = p.t_eval[:, 0] == p.t_start
@@ -290,11 +290,11 @@ class BatchSolver:
         done = (remaining <= 0) & (self.next_out >= outputs)
         status = torch.where(done, int(Status.SUCCESS), int(Status.RUNNING))
         status = torch.where(~done & ~finite, int(Status.NON_FINITE), status)
-        status = torch.where((status == Status.RUNNING) & ~(dt >= controller.dt_min), int(Status.DT_UNDERFLOW), status)
+        status = torch.where((status == int(Status.RUNNING)) & ~(dt >= controller.dt_min), int(Status.DT_UNDERFLOW), status)
         self.status = status
         self.stats[:, 0] = f_evals
         self.dt = dt.contiguous()
-        self.h = torch.where(status == Status.RUNNING, p.direction * dt, 0.0).contiguous()
+        self.h = torch.where(status == int(Status.RUNNING), p.direction * dt, 0.0).contiguous()
         self.y = y_start
         self.k = torch.empty((self.stages, *y0.shape), dtype=y0.dtype, device=y0.device)
         self.k[0] = torch.where(finite[:, None], f0, 0.0)
@@ -337,6 +337,12 @@ class BatchSolver:
 
     def step(self) -> None:
         p = self.problem
+        if self.record and torch.compiler.is_compiling():
+            # The in-place batch_step has no registered autograd formula, only the eager Function.
+            raise RuntimeError(
+                "solve_ivp: torch.compile cannot trace a solve that records an autograd graph; compile the "
+                "solve under torch.no_grad(), or use adjoint=True (its forward and backward solves record none)"
+            )
         ops = _ops.ops_for(p.y0.device, self.record)  # per call: under torch.compile, the traceable ops
         y, k, h = self.y, self.k, self.h
         if self.on_step is not None:
@@ -371,7 +377,7 @@ class BatchSolver:
     def running(self) -> bool:
         """Whether any sample is still running (the loop's one device->host read)."""
         self.loop_reads += 1
-        return bool((self.status == Status.RUNNING).any())
+        return bool((self.status == int(Status.RUNNING)).any())
 
     def solve(self, check_every: int, cuda_graph: bool) -> None:
         if not self.running():
@@ -420,6 +426,11 @@ def _func_has_grad(func: Callable[..., Any]) -> bool:
 # ----------------------------------------------------------------------------- the front door
 
 
+# torch.compile runs the solve eagerly (a graph break): its setup and completion checks read the
+# device by design, and the recorded steps' in-place op lives in an autograd.Function; traced in
+# pieces, the steps' gradients were lost. The step body itself, BatchSolver.step, compiles with
+# fullgraph=True when no graph is recorded (tests/test_batch_solve.py).
+@torch.compiler.disable
 def solve_ivp(
     func: Callable[[Tensor, Tensor], Tensor],
     y0: Tensor,

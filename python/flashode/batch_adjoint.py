@@ -108,7 +108,7 @@ class _BatchAdjoint(torch.autograd.Function):
         problem: BatchProblem = run["problem"]
         params: list[Tensor] = run["params"]
         batch, outputs, n = ys.shape
-        ok = (status == Status.SUCCESS)[:, None]
+        ok = (status == int(Status.SUCCESS))[:, None]
         grad_ys = torch.where(ok[:, :, None], grad_ys, 0.0)  # samples that failed forward get no gradient
         field = _AugmentedField(problem.func, problem.shape, params)
         accumulate = _ParameterAdjoint(field, list(run["tableau"].b))
@@ -146,7 +146,7 @@ def _backward_interval(
     solver.on_step = accumulate
     field.stage_graphs = []  # the starting evaluations are no step's stages
     solver.solve(run["check_every"], False)
-    failed = solver.status != Status.SUCCESS
+    failed = solver.status != int(Status.SUCCESS)
     if bool(failed.any()):
         b = int(failed.nonzero()[0])
         raise SolverError(
