@@ -829,9 +829,11 @@ TOL_SIZE = re.escape("must have 1, 3 (per element) or 12 (per sample and element
 LONG = torch.long
 
 BAD = [
-    Bad("stage-float16", STAGE, lambda: {"y": torch.randn(4, 3).half(), "k": torch.randn(3, 4, 3).half()}, FLOAT16, True),
+    Bad("stage-float16", STAGE, lambda: {"y": torch.randn(4, 3).half(), "k": torch.randn(3, 4, 3).half()},
+        FLOAT16, True),
     Bad("stage-int", STAGE, lambda: {"y": torch.ones(4, 3, dtype=LONG)}, "float32 or float64", True),
-    Bad("stage-k-shape", STAGE, lambda: {"k": torch.randn(3, 4, 2, dtype=F64)}, re.escape("k must have shape (S, *y"), True),
+    Bad("stage-k-shape", STAGE, lambda: {"k": torch.randn(3, 4, 2, dtype=F64)},
+        re.escape("k must have shape (S, *y"), True),
     Bad("stage-k-dtype", STAGE, lambda: {"k": torch.randn(3, 4, 3)}, "same dtype", True),
     Bad("stage-too-many-coeffs", STAGE, lambda: {"a": [0.1] * 4}, "need at least as many stages", True),
     Bad("stage-h-size", STAGE, lambda: {"h": torch.zeros(5, dtype=F64)}, f"h {PER_SAMPLE} \\(4\\), got 5"),
@@ -842,7 +844,8 @@ BAD = [
     Bad("stage-t-float32", STAGE, lambda: {"t": torch.zeros(4)}, "t has the wrong dtype"),
     Bad("step-float16", STEP, lambda: {"y": torch.randn(4, 3).half(), "k": torch.randn(4, 4, 3).half()}, FLOAT16, True),
     Bad("step-k-dtype", STEP, lambda: {"k": torch.randn(4, 4, 3)}, "same dtype", True),
-    Bad("step-k-shape", STEP, lambda: {"k": torch.randn(4, 4, 2, dtype=F64)}, re.escape("k must have shape (S, *y"), True),
+    Bad("step-k-shape", STEP, lambda: {"k": torch.randn(4, 4, 2, dtype=F64)},
+        re.escape("k must have shape (S, *y"), True),
     Bad("step-b-length", STEP, lambda: {"b": [0.5, 0.5], "b_error": [0.1, -0.1]},
         "b and b_error need one weight per stage \\(4\\)"),
     Bad("step-poly-size", STEP, lambda: {"poly": [0.1] * 7}, re.escape("poly must hold S * D")),
@@ -850,7 +853,8 @@ BAD = [
         re.escape("poly must hold S * D dense-output coefficients, D <= 8")),
     Bad("step-poly-empty", STEP, lambda: {"poly": []}, re.escape("poly must hold S * D")),
     Bad("step-controller-short", STEP, lambda: {"controller": _ctrl()[:10]}, "controller must hold 11 values, got 10"),
-    Bad("step-controller-long", STEP, lambda: {"controller": [*_ctrl(), 0.0]}, "controller must hold 11 values, got 12"),
+    Bad("step-controller-long", STEP, lambda: {"controller": [*_ctrl(), 0.0]},
+        "controller must hold 11 values, got 12"),
     Bad("step-safety", STEP, lambda: {"controller": _ctrl(safety=0.0)}, "need safety > 0"),
     Bad("step-dfactor", STEP, lambda: {"controller": _ctrl(dfactor=1.5)}, "0 < dfactor <= 1"),
     Bad("step-ifactor", STEP, lambda: {"controller": _ctrl(ifactor=0.5)}, "ifactor >= 1"),

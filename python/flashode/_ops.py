@@ -405,7 +405,9 @@ class RecordingOps:
     def rk_dense(self, y: Tensor, k: Tensor, poly: list[float], theta: list[float], h: float) -> Tensor:
         return _DenseFunction.apply(self._kernels.rk_dense, y, k, poly, theta, h)
 
-    def batch_stage(self, y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float) -> tuple[Tensor, Tensor]:
+    def batch_stage(
+        self, y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float
+    ) -> tuple[Tensor, Tensor]:
         return _BatchStageFunction.apply(self._kernels.batch_stage, y, k, a, h, t, c)
 
     def batch_step(self, *args: object) -> Tensor:

@@ -145,7 +145,8 @@ def _batch_combine(y: Tensor, k: Tensor, weights: Tensor) -> Tensor:
 def batch_stage(y: Tensor, k: Tensor, a: list[float], h: Tensor, t: Tensor, c: float) -> tuple[Tensor, Tensor]:
     _check(y, k, len(a), "batch_stage")
     y2, k2 = _batch_rows(y, k)
-    weights = torch.tensor(list(a), dtype=torch.float64, device=y.device)[:, None] * h if a else h.new_zeros((0, h.numel()))
+    coefficients = torch.tensor(list(a), dtype=torch.float64, device=y.device).reshape(-1, 1)
+    weights = coefficients * h
     out = torch.where((h == 0)[:, None], y2, _batch_combine(y2, k2, weights))
     return out.reshape(y.shape), (t + c * h).to(y.dtype)
 
@@ -155,7 +156,8 @@ def _propose_dt(controller: list[float], dt: Tensor, ratio: Tensor, history: Ten
     if pid:
         floor = 1e-12
         factor = safety * (1.0 / ratio.clamp_min(floor)) ** beta1
-        factor = factor * (1.0 / history[:, 0].clamp_min(floor)) ** beta2 * (1.0 / history[:, 1].clamp_min(floor)) ** beta3
+        factor = factor * (1.0 / history[:, 0].clamp_min(floor)) ** beta2
+        factor = factor * (1.0 / history[:, 1].clamp_min(floor)) ** beta3
     else:
         factor = safety / ratio**beta1
     lower = torch.where(ratio < 1.0, torch.ones_like(ratio), torch.full_like(ratio, dfactor))
@@ -199,16 +201,16 @@ def batch_step(
             theta = torch.where(write, (t_eval[:, j] - t) / torch.where(h == 0, 1.0, h), 0.0)
             powers = torch.stack([theta ** (p + 1) for p in range(degree)])  # (D, B)
             weights = (poly_t @ powers) * h  # (S, B)
-            ys.view(batch, -1, n)[:, j] = torch.where(write[:, None], _batch_combine(y2, k2, weights), ys.view(batch, -1, n)[:, j])
+            rows = ys.view(batch, -1, n)
+            rows[:, j] = torch.where(write[:, None], _batch_combine(y2, k2, weights), rows[:, j])
             index = index + write.long()
     outputs_done = index >= t_eval.shape[1]
 
     y_next.view(batch, n).copy_(torch.where(accept[:, None], y1, y2))
     f_next.view(batch, n).copy_(torch.where(accept[:, None], k2[stages - 1], k2[0]))
     proposal = torch.clamp(_propose_dt(controller, dt, ratio, history), max=controller[8])
-    new_stats = stats + running[:, None].long() * torch.stack(
-        [torch.full_like(next_out, stage_evals), torch.ones_like(next_out), accept.long(), (running & ~accept).long()], 1
-    )
+    increments = [torch.full_like(next_out, stage_evals), torch.ones_like(next_out), accept.long(), (~accept).long()]
+    new_stats = stats + running[:, None].long() * torch.stack(increments, 1)
     new_history = torch.where(accept[:, None], torch.stack([ratio, history[:, 0]], 1), history)
     remaining = (t_end - t1) * direction
     success = accept & outputs_done & (remaining <= 0)

@@ -290,7 +290,8 @@ class BatchSolver:
         done = (remaining <= 0) & (self.next_out >= outputs)
         status = torch.where(done, int(Status.SUCCESS), int(Status.RUNNING))
         status = torch.where(~done & ~finite, int(Status.NON_FINITE), status)
-        status = torch.where((status == int(Status.RUNNING)) & ~(dt >= controller.dt_min), int(Status.DT_UNDERFLOW), status)
+        too_small = (status == int(Status.RUNNING)) & ~(dt >= controller.dt_min)
+        status = torch.where(too_small, int(Status.DT_UNDERFLOW), status)
         self.status = status
         self.stats[:, 0] = f_evals
         self.dt = dt.contiguous()
