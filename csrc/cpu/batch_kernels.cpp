@@ -167,6 +167,23 @@ std::tuple<Tensor, Tensor> batch_stage_cpu(Tensor y, Tensor k, std::vector<doubl
   return {call.out, call.t_out};
 }
 
+// A tolerance's values for the tile of len elements from flat index i0 (element r0 of its sample).
+template <typename T>
+inline void tolerance_tile(const T* tol, ToleranceLayout layout, int64_t i0, int64_t r0, int64_t n, int64_t len,
+                           T* out) {
+  switch (layout) {
+    case ToleranceLayout::kScalar:
+      std::fill(out, out + len, tol[0]);
+      break;
+    case ToleranceLayout::kPerSampleElement:
+      std::copy(tol + i0, tol + i0 + len, out);
+      break;
+    case ToleranceLayout::kPerElement:
+      for (int64_t i = 0, r = r0; i < len; ++i, r = (r + 1 == n ? 0 : r + 1)) out[i] = tol[r];
+      break;
+  }
+}
+
 // Pass 1 of batch_step over the samples [b0, b1): y1 into y_next, and per sample the sum of squared
 // scaled errors (in element order) and a finiteness sum (NaN once some y1 is not finite).
 template <typename T>
@@ -191,11 +208,8 @@ FLASHODE_CPU_CLONES void finalize_samples(const BatchStepCall& call, int64_t b0,
     const T* __restrict y0 = yp + i0;
     T* __restrict y1 = y1p + i0;
     for (int64_t i = 0; i < len; ++i) y1[i] = static_cast<T>(y0[i] + acc[i]);
-    // Tolerances: one value, one per element (shared by the samples), or one per sample and element.
-    for (int64_t i = 0, r = at0.offset; i < len; ++i, r = (r + 1 == n ? 0 : r + 1)) {
-      rt[i] = rp[tolerance_index(call.rtol_layout, i0 + i, r)];
-      at[i] = ap[tolerance_index(call.atol_layout, i0 + i, r)];
-    }
+    tolerance_tile(rp, call.rtol_layout, i0, at0.offset, n, len, rt);
+    tolerance_tile(ap, call.atol_layout, i0, at0.offset, n, len, at);
     for (int64_t i = 0; i < len; ++i) {
       const double ratio = err[i] / (at[i] + rt[i] * std::max(std::abs(y0[i]), std::abs(y1[i])));
       sq[i] = ratio * ratio;
