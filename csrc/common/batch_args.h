@@ -1,6 +1,6 @@
 // The batch-parallel ops (batch_stage, batch_step): argument checks, and the per-sample step-size
-// control shared by the CPU and CUDA kernels, so both devices accept the same inputs and make the
-// same decisions bit for bit.
+// control shared by the CPU and CUDA kernels, so both devices accept the same inputs and take the
+// same decisions (to the last bit of pow, which CUDA's libdevice and glibc may round differently).
 //
 // A batch state is y (B, N): B independent samples of N elements each, every sample with its own
 // time t[b], step dt[b] > 0, direction dir[b] = +-1 and signed step h[b] = dir[b] * dt[b] (0 once
@@ -216,6 +216,7 @@ inline BatchStepCall prepare_batch_step(const Tensor& y, const Tensor& k, const 
                                         int64_t max_steps) {
   const char* op = "batch_step";
   const int64_t stages = check_batch_state(y, k, static_cast<int64_t>(std::max(b.size(), b_error.size())), op);
+  STD_TORCH_CHECK(stages >= 1, "flashode.batch_step: k needs at least one stage");
   const int64_t batch = y.size(0);
   const int64_t n = batch == 0 ? 0 : y.numel() / batch;
   STD_TORCH_CHECK(b.size() == static_cast<size_t>(stages) && b_error.size() == static_cast<size_t>(stages),
