@@ -320,6 +320,23 @@ def test_gradients_ignore_failed_samples():
         torch.testing.assert_close(g_mu, good.mu.grad[[0, 3]], rtol=1e-6, atol=1e-9)
 
 
+def test_adjoint_with_a_trailing_state_shape():
+    w = torch.nn.Parameter(torch.tensor(0.7, dtype=F64))
+    y0 = torch.rand(3, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(4)) + 0.1  # no blow-up for t <= 1
+    t = torch.linspace(0, 1, 4, dtype=F64)
+    grads = []
+    for adjoint in (False, True):
+        w.grad = None
+        y = y0.clone().requires_grad_()
+        params = [w] if adjoint else None
+        sol = solve_ivp(lambda t, y: -w * y * y, y, t, adjoint=adjoint, adjoint_params=params, rtol=1e-10, atol=1e-12)
+        (sol.ys * torch.arange(4, dtype=F64)[None, :, None, None]).sum().backward()
+        assert y.grad.shape == y0.shape
+        grads.append((y.grad, w.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-9)
+
+
 def test_adjoint_needs_named_parameters_for_a_plain_function():
     w = torch.tensor(0.5, dtype=F64, requires_grad=True)
     y0 = torch.ones(2, 1, dtype=F64)

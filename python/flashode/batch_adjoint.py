@@ -126,8 +126,7 @@ class _BatchAdjoint(torch.autograd.Function):
             a = z[:, n:]
             if out >= 0:
                 y, a = ys[:, out], a + grad_ys[:, out]
-        grad_y0 = a.reshape(problem.shape)
-        return (None, grad_y0, *accumulate.grads)
+        return (None, a, *accumulate.grads)  # a is (B, N), as the flat y0 the Function received
 
 
 def _backward_interval(
