@@ -35,20 +35,21 @@ class _AugmentedField:
         self.params = params
         self.stage_graphs: list[tuple[Tensor, Tensor]] = []  # (f, -a) per evaluation of this step
 
-    def evaluate(self, t: Tensor, z: Tensor, keep_graph: bool) -> tuple[Tensor, Tensor]:
-        y, a = z[:, : self.n], z[:, self.n :]
+    def evaluate(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """f(t, y) with its graph, and y as the graph's input."""
         with torch.enable_grad():
-            y_ = y.detach().requires_grad_()
-            f = self.func(t, y_.view(self.shape)).reshape(y.shape)
-            (vjp_y,) = torch.autograd.grad(f, y_, -a, retain_graph=keep_graph, allow_unused=True)
-        if vjp_y is None:  # f does not depend on y
-            vjp_y = torch.zeros_like(y)
-        return f, vjp_y
+            y_ = z[:, : self.n].detach().requires_grad_()
+            return self.func(t, y_.view(self.shape)).reshape(y_.shape), y_
 
     def __call__(self, t: Tensor, z: Tensor) -> Tensor:
         keep = bool(self.params)
-        f, vjp_y = self.evaluate(t, z, keep)
-        if keep:
+        f, y = self.evaluate(t, z)
+        vjp_y = None
+        if f.requires_grad:  # else f depends on neither y nor anything that wants a gradient
+            (vjp_y,) = torch.autograd.grad(f, y, -z[:, self.n :], retain_graph=keep, allow_unused=True)
+        if vjp_y is None:  # f does not depend on y
+            vjp_y = torch.zeros_like(y)
+        if keep:  # every stage, so stage j stays at index j (those without a graph are skipped later)
             self.stage_graphs.append((f, -z[:, self.n :]))
         return torch.cat([f.detach(), vjp_y], 1).view(z.shape)
 
@@ -68,14 +69,16 @@ class _ParameterAdjoint:
             return
         # The first stage is carried over from an earlier step (whose graph may be gone), so it is
         # evaluated afresh here: one extra evaluation of f per step.
-        f0, _ = field.evaluate(t.to(z.dtype), z, keep_graph=True)
+        f0, _ = field.evaluate(t.to(z.dtype), z)
         graphs = [(f0, -z[:, field.n :])] + stage_graphs
         weight = torch.where(accept, h, 0.0).to(z.dtype)[:, None]
         outputs, cotangents = [], []
         for b_j, (f, minus_a) in zip(self.b, graphs):
-            if b_j != 0.0:
+            if b_j != 0.0 and f.requires_grad:
                 outputs.append(f)
                 cotangents.append((b_j * weight) * minus_a)  # the step's h b_j (-a_j)^T df/dθ
+        if not outputs:
+            return
         grads = torch.autograd.grad(outputs, field.params, cotangents, allow_unused=True)
         for acc, g in zip(self.grads, grads):
             if g is not None:
