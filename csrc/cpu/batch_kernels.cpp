@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "common/batch_args.h"
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_common.h"
 
 namespace flashode {
 namespace {
@@ -25,15 +25,7 @@ constexpr int64_t kChunkElements = 16384;
 // Runs body(b0, b1) over the samples [0, batch) in fixed groups of whole samples.
 template <typename F>
 void for_each_sample_group(int64_t batch, int64_t n, const F& body) {
-  const int64_t per_group = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(n, 1));
-  const int64_t groups = (batch + per_group - 1) / per_group;
-  if (groups <= 1) {
-    body(int64_t{0}, batch);
-    return;
-  }
-  torch::stable::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) body(g * per_group, std::min(batch, (g + 1) * per_group));
-  });
+  for_each_piece(batch, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(n, 1)), body);
 }
 
 // out[i] = y[i] + sum_j w[j] * k_row_j[i] over one sample's n elements (rows `stride` apart): the
@@ -120,14 +112,7 @@ inline void fold_stages(const T* __restrict k, int64_t stride, const double* w, 
 // Runs body(begin, end) over the flat range [0, total) in fixed chunks (threaded when several).
 template <typename F>
 void for_each_flat_chunk(int64_t total, const F& body) {
-  const int64_t chunks = (total + kChunkElements - 1) / kChunkElements;
-  if (chunks <= 1) {
-    body(int64_t{0}, total);
-    return;
-  }
-  torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) body(c * kChunkElements, std::min(total, (c + 1) * kChunkElements));
-  });
+  for_each_piece(total, kChunkElements, body);
 }
 
 template <typename T>

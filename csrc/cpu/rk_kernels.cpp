@@ -19,7 +19,7 @@
 
 #include "common/rk_args.h"
 
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_common.h"
 
 namespace flashode {
 namespace {
@@ -49,14 +49,7 @@ template <typename T>
 // Runs body(begin, end) over [0, n) in fixed chunks, threaded when there is more than one chunk.
 template <typename F>
 inline void for_each_chunk(int64_t n, const F& body) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  if (chunks <= 1) {
-    body(int64_t{0}, n);
-    return;
-  }
-  torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) body(c * kChunk, std::min(n, (c + 1) * kChunk));
-  });
+  for_each_piece(n, kChunk, body);
 }
 
 template <typename T>

@@ -30,27 +30,12 @@
 #include <vector>
 
 #include "common/batch_args.h"
+#include "cuda/cuda_common.cuh"
 
 namespace flashode {
 namespace {
 
 constexpr int kThreads = 256;
-
-#define FLASHODE_CUDA_CHECK(expr)                                                            \
-  do {                                                                                       \
-    cudaError_t _err = (expr);                                                               \
-    STD_TORCH_CHECK(_err == cudaSuccess, "flashode CUDA error: ", cudaGetErrorString(_err)); \
-  } while (0)
-
-cudaStream_t current_stream(const Tensor& t) {
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
-  return static_cast<cudaStream_t>(stream);
-}
-
-void check_cuda_inputs(const Tensor& y, const char* op) {
-  STD_TORCH_CHECK(y.is_cuda(), "flashode.", op, ": expected a CUDA tensor");
-}
 
 // a * b and a + b rounded once each, never fused into an FMA (see the top of the file).
 __device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }

@@ -17,24 +17,13 @@
 #include <vector>
 
 #include "common/rk_args.h"
+#include "cuda/cuda_common.cuh"
 
 namespace flashode {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;
-
-#define FLASHODE_CUDA_CHECK(expr)                                                            \
-  do {                                                                                       \
-    cudaError_t _err = (expr);                                                               \
-    STD_TORCH_CHECK(_err == cudaSuccess, "flashode CUDA error: ", cudaGetErrorString(_err)); \
-  } while (0)
-
-cudaStream_t current_stream(const Tensor& t) {
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
-  return static_cast<cudaStream_t>(stream);
-}
 
 int blocks_for(int64_t work) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (work + kThreads - 1) / kThreads)));
@@ -213,10 +202,6 @@ __global__ void dense_kernel(const T* __restrict__ y, const T* __restrict__ k, i
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-void check_cuda_inputs(const Tensor& y, const char* op) {
-  STD_TORCH_CHECK(y.is_cuda(), "flashode.", op, ": expected a CUDA tensor");
-}
 
 Tensor rk_stage_cuda(Tensor y, Tensor k, std::vector<double> a, double h) {
   check_cuda_inputs(y, "rk_stage");
