@@ -474,7 +474,12 @@ def check_step_semantics(args: dict[str, Any], out: dict[str, torch.Tensor]) -> 
     assert_equal(o["stats"], expected_stats, "stats")
     assert_equal(o["h"] == 0, o["status"] != RUNNING, "h is 0 exactly for stopped samples")
     still = o["status"] == RUNNING
-    assert_equal(o["h"][still], (args["direction"].cpu() * o["dt"])[still], "h = direction * dt")
+    # h = direction * dt, or the remainder to t_end when clipping shortens the step (dt keeps the proposal)
+    direction = args["direction"].cpu()
+    remaining = (args["t_end"].cpu() - o["t"]) * direction
+    clipped = (args["controller"][9] != 0.0) & (remaining > 0) & (o["dt"] >= remaining)
+    step = torch.where(clipped, remaining, o["dt"])
+    assert_equal(o["h"][still], (direction * step)[still], "h = direction * min(dt, remaining)")
     assert_equal(o["t"][running & ~accept], args["t"].cpu()[running & ~accept], "t of rejected samples")
     assert_equal(o["next_out"][~accept], args["next_out"].cpu()[~accept], "next_out of rejected samples")
     # ys: only the positions [next_out_before, next_out_after) of a sample change.
@@ -565,9 +570,9 @@ def test_batch_step_sweep_covers_every_outcome(controller: str, clip: bool) -> N
         if not clip:  # (with clipping, most such steps are shortened to land on t_end instead)
             counts["ifactor_clamp"] = accept & (out["dt"] == args["dt"] * args["controller"][2])
         counts["underflow"] = running & (status == DT_UNDERFLOW)  # needs dt_min > 0 (drawn per case)
-        if clip:  # the step was shortened to land on t_end
+        if clip:  # the next step was shortened to land on t_end (dt keeps the longer proposal)
             remaining = (args["t_end"] - out["t"]) * args["direction"]
-            counts["clipped"] = (status == RUNNING) & (out["dt"] == remaining)
+            counts["clipped"] = (status == RUNNING) & (out["h"].abs() == remaining) & (out["dt"] > remaining)
         for name, mask in counts.items():
             seen[name] = seen.get(name, 0) + int(mask.sum())
     missing = [name for name, count in seen.items() if count == 0]
@@ -733,15 +738,15 @@ def test_batch_step_known_outcomes(impl: Callable[[str], Any], controller: str) 
             if accept and clip and h0 == t_end - t0:
                 t1 = t_end
             assert float(out["t"][b]) == t1, name
+            # dt: the controller's proposal from the step taken (|h|), unclipped, on success too
+            dt_new = min(_propose(ctrl, abs(h0), ratio, 0.3, 0.7), 5.0)
+            assert float(out["dt"][b]) == pytest.approx(dt_new, rel=1e-14), name
             if status == SUCCESS:
-                assert float(out["dt"][b]) == abs(h0) and float(out["h"][b]) == 0.0, name
+                assert float(out["h"][b]) == 0.0, name
             else:
-                dt_new = min(_propose(ctrl, abs(h0), ratio, 0.3, 0.7), 5.0)
                 remaining = (t_end - t1) * float(args["direction"][b])
-                if clip and 0 < remaining <= dt_new:
-                    dt_new = remaining
-                assert float(out["dt"][b]) == pytest.approx(dt_new, rel=1e-14), name
-                expected_h = math.copysign(dt_new, h0) if status == RUNNING else 0.0
+                step = remaining if clip and 0 < remaining <= dt_new else dt_new
+                expected_h = math.copysign(step, h0) if status == RUNNING else 0.0
                 assert float(out["h"][b]) == pytest.approx(expected_h, rel=1e-14), name
             if accept:
                 assert out["history"][b].tolist() == pytest.approx([ratio, 0.3], rel=1e-14), name
@@ -758,7 +763,8 @@ def test_batch_step_known_outcomes(impl: Callable[[str], Any], controller: str) 
         assert int(out["next_out"][names.index("reject")]) == 0
         clipped = names.index("clip")
         if clip:  # 0.5 + proposal > 0.6: the step is shortened to land on t_end
-            assert float(out["dt"][clipped]) == 0.6 - 0.5 and int(out["status"][clipped]) == RUNNING
+            assert float(out["h"][clipped]) == 0.6 - 0.5 and int(out["status"][clipped]) == RUNNING
+            assert float(out["dt"][clipped]) > 0.6 - 0.5  # dt keeps the proposal it was shortened from
 
 
 # ----------------------------------------------------------------------------- mixed tolerances

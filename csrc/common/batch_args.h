@@ -3,8 +3,9 @@
 // same decisions (to the last bit of pow, which CUDA's libdevice and glibc may round differently).
 //
 // A batch state is y (B, N): B independent samples of N elements each, every sample with its own
-// time t[b], step dt[b] > 0, direction dir[b] = +-1 and signed step h[b] = dir[b] * dt[b] (0 once
-// the sample has stopped). Times are float64 whatever the state's dtype.
+// time t[b], direction dir[b] = +-1, the controller's step proposal dt[b] > 0 and the signed step
+// it takes next, h[b] = dir[b] * dt[b], or less when clipped to land on t_end (0 once the sample
+// has stopped). Times are float64 whatever the state's dtype.
 #pragma once
 
 #include <cmath>
@@ -91,19 +92,23 @@ FLASHODE_HOST_DEVICE inline void advance_sample(const Controller& c, const Sampl
   s.stats[kFEvals] += c.stage_evals;
   s.stats[kSteps] += 1;
   s.stats[accept ? kAccepted : kRejected] += 1;
-  const double dt_new_raw = propose_dt(c, *s.dt, ratio, s.history[0], s.history[1]);
+  // The proposal scales the step actually taken, |h|: after a step clipped to t_end that is less
+  // than dt, the proposal it was clipped from.
+  const double dt_new = fmin(propose_dt(c, fabs(*s.h), ratio, s.history[0], s.history[1]), c.dt_max);
   if (accept) {
     s.history[1] = s.history[0];
     s.history[0] = ratio;
     *s.t = t1;
   }
+  // dt keeps the unclipped proposal, so a solve resumed from here (the adjoint's next interval)
+  // does not restart from a clipped remainder.
+  *s.dt = dt_new;
   const double remaining = (t_end - *s.t) * dir;
   if (accept && outputs_done && remaining <= 0.0) {
     *s.status = kSuccess;
     *s.h = 0.0;
     return;
   }
-  double dt_new = fmin(dt_new_raw, c.dt_max);
   int64_t status = kRunning;
   if (s.stats[kSteps] >= c.max_steps) {
     status = kMaxStepsReached;
@@ -111,10 +116,9 @@ FLASHODE_HOST_DEVICE inline void advance_sample(const Controller& c, const Sampl
     // Too small to make progress (or NaN): after non-finite states, say so.
     status = (ratio == ratio && ratio != INFINITY) ? kDtUnderflow : kNonFinite;
   }
-  if (c.clip_to_end && remaining > 0.0 && dt_new >= remaining) dt_new = remaining;
-  *s.dt = dt_new;
+  const double step = c.clip_to_end && remaining > 0.0 && dt_new >= remaining ? remaining : dt_new;
   *s.status = status;
-  *s.h = status == kRunning ? dir * dt_new : 0.0;
+  *s.h = status == kRunning ? dir * step : 0.0;
 }
 
 // Whether a sample's step of signed size h from t0 is the clipped last step (it then lands on

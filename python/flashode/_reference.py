@@ -208,7 +208,8 @@ def batch_step(
 
     y_next.view(batch, n).copy_(torch.where(accept[:, None], y1, y2))
     f_next.view(batch, n).copy_(torch.where(accept[:, None], k2[stages - 1], k2[0]))
-    proposal = torch.clamp(_propose_dt(controller, dt, ratio, history), max=controller[8])
+    # scaled from the step actually taken (|h|: less than dt after clipping to t_end)
+    proposal = torch.clamp(_propose_dt(controller, h.abs(), ratio, history), max=controller[8])
     increments = [torch.full_like(next_out, stage_evals), torch.ones_like(next_out), accept.long(), (~accept).long()]
     new_stats = stats + running[:, None].long() * torch.stack(increments, 1)
     new_history = torch.where(accept[:, None], torch.stack([ratio, history[:, 0]], 1), history)
@@ -221,12 +222,11 @@ def batch_step(
         torch.where(underflow, torch.where(torch.isfinite(ratio), DT_UNDERFLOW, NON_FINITE), RUNNING),
     )
     new_status = torch.where(success, SUCCESS, new_status)
-    if clip:
-        proposal = torch.where((remaining > 0) & (proposal >= remaining), remaining, proposal)
-    new_h = torch.where(new_status == RUNNING, direction * proposal, 0.0)
+    step = torch.where((remaining > 0) & (proposal >= remaining), remaining, proposal) if clip else proposal
+    new_h = torch.where(new_status == RUNNING, direction * step, 0.0)
     keep = ~running  # stopped samples change nothing
     t.copy_(torch.where(keep, t, t1))
-    dt.copy_(torch.where(keep | success, dt, proposal))
+    dt.copy_(torch.where(keep, dt, proposal))  # the unclipped proposal, also on success
     h.copy_(torch.where(keep, h, new_h))
     status.copy_(torch.where(keep, status, new_status))
     stats.copy_(new_stats)

@@ -285,8 +285,7 @@ class BatchSolver:
                 raise ValueError("first_step must be positive")
         dt = torch.clamp(dt, max=controller.dt_max)
         remaining = (p.t_end - p.t_start) * p.direction
-        if clip_to_end:
-            dt = torch.where(dt >= remaining, remaining, dt)
+        step = torch.where(dt >= remaining, remaining, dt) if clip_to_end else dt
         done = (remaining <= 0) & (self.next_out >= outputs)
         status = torch.where(done, int(Status.SUCCESS), int(Status.RUNNING))
         status = torch.where(~done & ~finite, int(Status.NON_FINITE), status)
@@ -295,7 +294,7 @@ class BatchSolver:
         self.status = status
         self.stats[:, 0] = f_evals
         self.dt = dt.contiguous()
-        self.h = torch.where(status == int(Status.RUNNING), p.direction * dt, 0.0).contiguous()
+        self.h = torch.where(status == int(Status.RUNNING), p.direction * step, 0.0).contiguous()
         self.y = y_start
         self.k = torch.empty((self.stages, *y0.shape), dtype=y0.dtype, device=y0.device)
         self.k[0] = torch.where(finite[:, None], f0, 0.0)
