@@ -49,7 +49,29 @@ torch.cuda.set_sync_debug_mode("warn") (it flags item()/bool()/nonzero()/blockin
 explicit torch.cuda.Event.synchronize calls (torchode waits on one every step). Stream or device
 synchronisations made some other way are not counted.
 
-Usage:  PYTHONPATH=python python benchmarks/batch.py [--quick] [--device cuda] [--check-every]
+--grad times forward + backward instead, on the mlp problem at B in {256, 4096} (--quick: 64),
+float32, dopri5, rtol 1e-6, atol 1e-8 forward and backward, loss = sum of squares of the outputs of
+the samples that succeeded, gradients with respect to y0 and the MLP's parameters:
+
+  flashode backprop        solve_ivp (autograd through the solve, its default);
+  flashode adjoint         solve_ivp(..., adjoint=True): each sample's adjoint solved backwards with
+                           its own steps, the parameters' adjoint a seminorm (not error-controlled);
+  torchode AutoDiffAdjoint backprop through torchode's loop (it also differentiates the step sizes:
+                           backprop_through_step_size_control=True, its default);
+  torchode BacksolveAdjoint  per-sample backward solves of [t, y, a, per-sample dL/dθ] (a vmap of
+                           torch.func.vjp per sample), every channel error-controlled;
+  torchdiffeq odeint / odeint_adjoint  on the '(t/t1 rescaled)' formulation (joint steps), the
+                           adjoint with torchdiffeq's default norm (parameters included).
+
+For each: the median fwd+bwd wall time of interleaved repeats (a method whose one counted run takes
+longer than --single-run-above seconds is timed from that run alone, marked with *), time / flashode
+backprop, calls of the field in the forward and in the backward (backprop replays the recorded
+graph, calling no field: 0), and the relative errors of dL/dθ (all parameters concatenated) and of
+dL/dy0: max |g - g_ref| / max |g_ref|, g_ref from flashode backprop in float64 at rtol 1e-10,
+atol 1e-12 (dopri5, the MLP in a float64 copy), itself cross-checked on a few samples against
+torchdiffeq odeint (dopri8, rtol 1e-12, float64, rescaled) backprop (printed in a note).
+
+Usage:  PYTHONPATH=python python benchmarks/batch.py [--quick] [--device cuda] [--check-every | --grad]
 """
 
 from __future__ import annotations
@@ -546,6 +568,243 @@ def run_check_every(args: argparse.Namespace, device: torch.device, repeats: int
             f"default check_every now: {flashode.batch.DEFAULT_CHECK_EVERY}"]
 
 
+# ----------------------------------------------------------------------------- gradients (--grad)
+
+
+GRAD_REF = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-12}  # flashode backprop in float64
+GRAD_CHECK = {"method": "dopri8", "rtol": 1e-12, "atol": 1e-14}  # torchdiffeq's, on a few samples
+GRAD_REF_CHUNK = 1024  # samples per reference solve (bounds the recorded graph's memory)
+
+
+@dataclass
+class GradRunner:
+    """forward(y0) -> (ys (B, T, F), ok (B,)); the loss is taken over the ok samples."""
+
+    name: str
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class GradResult:
+    y0: Tensor  # dL/dy0, (B, F)
+    params: Tensor  # dL/dθ, every parameter flattened and concatenated
+    failed: int  # samples left out of the loss
+
+
+@dataclass
+class GradRow:
+    problem: str
+    library: str
+    seconds: float
+    single_run: bool
+    fwd_calls: int
+    bwd_calls: int
+    failed: int
+    err_params: float
+    err_y0: float
+
+
+def fwd_bwd(func: nn.Module, y0: Tensor, forward: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[GradResult, int]:
+    """One forward + backward of loss = sum of squares of the ok samples' outputs; the gradients and
+    the field's calls in the forward (func.nfe counts on through the backward)."""
+    func.zero_grad(set_to_none=True)
+    y0 = y0.detach().clone().requires_grad_()
+    ys, ok = forward(y0)
+    fwd_calls = func.nfe
+    ys[ok].pow(2).sum().backward()
+    params = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten() for q in func.parameters()])
+    return GradResult(y0.grad, params, int((~ok).sum())), fwd_calls
+
+
+def _rescaled(func: nn.Module, t_eval: Tensor) -> tuple[nn.Module, Tensor]:
+    """torchdiffeq's form of per-sample times (see torchdiffeq_rescaled_runner): field and shared s."""
+    t1 = t_eval[:, -1].clone()
+    s = t_eval[0] / t_eval[0, -1]
+    assert torch.allclose(t_eval / t1[:, None], s.expand_as(t_eval), atol=1e-6)
+    return Rescaled(func, t1), s
+
+
+def grad_runners(p: Problem, notes: list[str]) -> list[GradRunner]:
+    func, t_eval = p.func, p.t_eval
+    tol = {"rtol": RTOL, "atol": ATOL}
+
+    def flashode_forward(adjoint: bool) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        def forward(y0: Tensor) -> tuple[Tensor, Tensor]:
+            sol = flashode.solve_ivp(func, y0, t_eval, method="dopri5", adjoint=adjoint, **tol)
+            return sol.ys, sol.success
+
+        return forward
+
+    runners = [GradRunner("flashode backprop", flashode_forward(False)),
+               GradRunner("flashode adjoint", flashode_forward(True))]
+
+    if torchode is None:
+        notes.append(f"torchode skipped: not importable ({TORCHODE_IMPORT_ERROR})")
+    else:
+        term = torchode.ODETerm(func)  # BacksolveAdjoint calls term.f functionally, with its parameters
+        step = torchode.Dopri5(term=term)
+        ctrl = torchode.IntegralController(atol=ATOL, rtol=RTOL, term=term)
+        t_eval_c = t_eval.contiguous()
+
+        def torchode_forward(solver: Any) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+            def forward(y0: Tensor) -> tuple[Tensor, Tensor]:
+                sol = solver.solve(torchode.InitialValueProblem(y0=y0, t_eval=t_eval_c))
+                return sol.ys, sol.status == 0
+
+            return forward
+
+        for name, solver in (("torchode AutoDiffAdjoint", torchode.AutoDiffAdjoint(step, ctrl)),
+                             ("torchode BacksolveAdjoint", torchode.BacksolveAdjoint(term, step, ctrl))):
+            runners.append(GradRunner(name, torchode_forward(solver.to(p.y0.device))))
+
+    rescaled, s = _rescaled(func, t_eval)
+    for name, odeint in (("torchdiffeq odeint", torchdiffeq.odeint),
+                         ("torchdiffeq odeint_adjoint", torchdiffeq.odeint_adjoint)):
+        def forward(y0: Tensor, odeint: Callable[..., Tensor] = odeint) -> tuple[Tensor, Tensor]:
+            ys = odeint(rescaled, y0, s, method="dopri5", **tol).transpose(0, 1)
+            return ys, torch.isfinite(ys).flatten(1).all(1)
+
+        runners.append(GradRunner(f"{name} (t/t1 rescaled)", forward))
+    return runners
+
+
+def grad_reference(p: Problem) -> GradResult:
+    """flashode backprop in float64 at rtol 1e-10, in chunks of samples (the loss is a sum over
+    samples, so dL/dθ is the sum of the chunks')."""
+    func, y0, t_eval = p.ref_func()
+    y0_grads, param_grads = [], []
+    for start in range(0, p.batch, GRAD_REF_CHUNK):
+        rows = slice(start, start + GRAD_REF_CHUNK)
+
+        def forward(y: Tensor, rows: slice = rows) -> tuple[Tensor, Tensor]:
+            sol = flashode.solve_ivp(func, y, t_eval[rows], **GRAD_REF)
+            sol.raise_for_status()
+            return sol.ys, sol.success
+
+        result, _ = fwd_bwd(func, y0[rows], forward)
+        y0_grads.append(result.y0)
+        param_grads.append(result.params)
+    return GradResult(torch.cat(y0_grads), torch.stack(param_grads).sum(0), 0)
+
+
+def grad_reference_check(p: Problem, ref: GradResult, samples: int = 16) -> str:
+    """The reference against torchdiffeq backprop (dopri8, rtol 1e-12, float64) on a few samples."""
+    func, y0, t_eval = p.ref_func()
+    picks = torch.linspace(0, p.batch - 1, samples).round().long().unique()
+    rescaled, s = _rescaled(func, t_eval[picks])
+
+    def forward(y: Tensor) -> tuple[Tensor, Tensor]:
+        ys = torchdiffeq.odeint(rescaled, y, s, **GRAD_CHECK).transpose(0, 1)
+        return ys, torch.ones(len(picks), dtype=torch.bool)
+
+    def subset(y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        sol = flashode.solve_ivp(func, y, t_eval[rows], **GRAD_REF)
+        return sol.ys, sol.success
+
+    check, _ = fwd_bwd(func, y0[picks], forward)
+    ours, _ = fwd_bwd(func, y0[picks], lambda y: subset(y, picks))
+    e_params, e_y0 = rel_err(ours.params, check.params), rel_err(ours.y0, check.y0)
+    assert torch.allclose(ours.y0, ref.y0[picks]), "reference: a subset's dL/dy0 differs from the whole batch's"
+    return (f"{p.name}: gradient reference (flashode backprop, dopri5, rtol 1e-10, float64) vs torchdiffeq odeint "
+            f"backprop (dopri8, rtol 1e-12, float64) on {len(picks)} samples: relative difference of dL/dθ "
+            f"{e_params:.1e}, of dL/dy0 {e_y0:.1e}")
+
+
+def rel_err(g: Tensor, ref: Tensor) -> float:
+    return float((g.detach().to("cpu", torch.float64) - ref).abs().max() / ref.abs().max())
+
+
+def measure_grad(p: Problem, runners: list[GradRunner], ref: GradResult, repeats: int, single_run_above: float,
+                 notes: list[str]) -> list[GradRow]:
+    """One counted fwd+bwd per runner (calls, gradients), then `repeats` interleaved timed ones;
+    a runner whose counted run took over `single_run_above` seconds keeps that run's time."""
+    device = p.y0.device
+    counted: dict[str, tuple[GradResult, int, int, float]] = {}
+    live: list[GradRunner] = []
+    for r in runners:
+        p.func.nfe = 0
+        synchronize(device)
+        start = time.perf_counter()
+        try:
+            result, fwd_calls = fwd_bwd(p.func, p.y0, r.forward)
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"{p.name}: {r.name} failed on {device.type}: {type(exc).__name__}: {exc}")
+            continue
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        counted[r.name] = (result, fwd_calls, p.func.nfe - fwd_calls, seconds)
+        if seconds <= single_run_above:
+            live.append(r)
+        print(f"    {r.name}: counted run {seconds:.2f} s", flush=True)
+    times: dict[str, list[float]] = {r.name: [] for r in live}
+    for rep in range(repeats if live else 0):
+        k = rep % len(live)
+        for r in live[k:] + live[:k]:
+            synchronize(device)
+            start = time.perf_counter()
+            fwd_bwd(p.func, p.y0, r.forward)
+            synchronize(device)
+            times[r.name].append(time.perf_counter() - start)
+    rows = []
+    for name, (result, fwd_calls, bwd_calls, seconds) in counted.items():
+        single = name not in times
+        rows.append(GradRow(p.name, name, seconds if single else statistics.median(times[name]), single, fwd_calls,
+                            bwd_calls, result.failed, rel_err(result.params, ref.params),
+                            rel_err(result.y0, ref.y0)))
+    return rows
+
+
+def print_grad_table(rows: list[GradRow]) -> None:
+    print("| problem | library | fwd+bwd (ms) | time / flashode backprop | fwd func calls | bwd func calls | "
+          "failed samples | rel err dL/dθ | rel err dL/dy0 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = {row.problem: row.seconds for row in rows if row.library == "flashode backprop"}
+    for row in rows:
+        ratio = row.seconds / base[row.problem] if row.problem in base else float("nan")
+        star = "*" if row.single_run else ""
+        print(f"| {row.problem} | {row.library} | {fmt_ms(row.seconds)}{star} | {ratio:.2f}×{star} | "
+              f"{row.fwd_calls} | {row.bwd_calls} | {row.failed} | {row.err_params:.1e} | {row.err_y0:.1e} |")
+
+
+def run_grad(args: argparse.Namespace, device: torch.device, repeats: int) -> list[str]:
+    notes: list[str] = []
+    rows: list[GradRow] = []
+    for batch in args.mlp_batches:
+        p = mlp_problem(batch, device)
+        start = time.perf_counter()
+        ref = grad_reference(p)
+        notes.append(grad_reference_check(p, ref))
+        print(f"  {p.name}: reference {time.perf_counter() - start:.1f} s", flush=True)
+        rows += measure_grad(p, grad_runners(p, notes), ref, repeats, args.single_run_above, notes)
+        print(f"  {p.name}: {time.perf_counter() - start:.1f} s", flush=True)
+    print()
+    print_grad_table(rows)
+    if any(row.single_run for row in rows):
+        notes.append(f"* timed from its one counted run (it took over {args.single_run_above:g} s): not a median, "
+                     "and cold (first call), though at that length the warm-up is a small part.")
+    notes += [
+        ("mlp in float32, dopri5, rtol 1e-6 and atol 1e-8 for every library, forward and backward (the adjoint "
+         "methods' backward tolerances default to the forward ones); loss = sum of squares of every output of "
+         "the samples that succeeded (failed samples: their count in the table)."),
+        ("func calls: calls of the MLP, each on the whole batch (torchode's BacksolveAdjoint: one vmapped call "
+         "of the per-sample vjp). Backprop calls no field in the backward but replays the VJP of every recorded "
+         "evaluation (fwd calls of them). flashode adjoint's backward: the augmented field (f and its VJP for y) "
+         "at every stage, plus one more evaluation of f per step for the step's parameter VJP (its first stage, "
+         "carried over from the previous step); an initial-step heuristic at the first interval."),
+        ("adjoint error control: flashode adjoint holds each sample's [y, a] to rtol/atol and integrates dL/dθ "
+         "with the same steps, uncontrolled (seminorm); torchode BacksolveAdjoint holds each sample's whole "
+         "[t-adjoint, y, a, per-sample dL/dθ (4482 numbers)] to an RMS norm, so its B x 4486 augmented state "
+         "and a per-sample parameter VJP at every call make its backward slow, and the RMS over 4486 channels "
+         "dilutes the error of y and a; torchdiffeq odeint_adjoint steps the whole batch jointly with its "
+         "default norm (an RMS over all samples' y, a and the shared dL/dθ)."),
+        ("torchode AutoDiffAdjoint (backprop_through_step_size_control=True, its default) also differentiates "
+         "the step sizes; flashode backprop does not (as odeint: step sizes and acceptance are constants)."),
+        ("gradient errors include float32 arithmetic (about 1e-7 relative per operation) and the solve's own "
+         "error; the reference differentiates the same field in float64."),
+    ]
+    return notes
+
+
 def ops_path(device: torch.device) -> str:
     """Whether flashode's batch ops run as compiled kernels or as its pure-torch reference here."""
     try:
@@ -562,7 +821,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small batches (64), 2 repeats: a smoke test")
     parser.add_argument("--check-every", action="store_true",
                         help="time flashode.solve_ivp for check_every in 1..32 instead of the comparison")
-    parser.add_argument("--repeats", type=int, default=None, help="timed solves per library (default 11, quick 2)")
+    parser.add_argument("--grad", action="store_true",
+                        help="time forward + backward on the mlp problem (gradients) instead of the comparison")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed solves per library (default 11, --grad 5, quick 2)")
+    parser.add_argument("--single-run-above", type=float, default=10.0,
+                        help="--grad: a method whose counted fwd+bwd takes longer (s) is timed from that run alone")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--vdp-batch", type=int, default=None, help="van der Pol batch (default 1024, quick 64)")
     parser.add_argument("--mlp-batches", type=int, nargs="+", default=None, help="MLP batches (default 256 4096)")
@@ -575,15 +839,19 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
-    repeats = args.repeats or (2 if args.quick else 11)
+    if args.grad and args.check_every:
+        raise SystemExit("--grad and --check-every are separate modes: pick one")
+    repeats = args.repeats or (2 if args.quick else 5 if args.grad else 11)
     args.vdp_batch = args.vdp_batch or (64 if args.quick else 1024)
     args.mlp_batches = args.mlp_batches or ([64] if args.quick else [256, 4096])
-    mode = "check_every sweep" if args.check_every else "comparison"
-    print(f"flashode solve_ivp batch benchmark ({mode}): rtol={RTOL:g}, atol={ATOL:g}, no_grad, device {device}, "
+    mode = "check_every sweep" if args.check_every else "forward + backward" if args.grad else "comparison"
+    grad = "fwd+bwd" if args.grad else "no_grad"
+    print(f"flashode solve_ivp batch benchmark ({mode}): rtol={RTOL:g}, atol={ATOL:g}, {grad}, device {device}, "
           f"median of {repeats} interleaved repeats")
     print(f"Machine: {machine_description(device)}; torchode {getattr(torchode, '__version__', 'n/a')}, "
           f"torchdiffeq {getattr(torchdiffeq, '__version__', '?')}, flashode ops: {ops_path(device)}")
-    notes = run_check_every(args, device, repeats) if args.check_every else run_comparison(args, device, repeats)
+    mode_fn = run_check_every if args.check_every else run_grad if args.grad else run_comparison
+    notes = mode_fn(args, device, repeats)
     for note in dict.fromkeys(notes):
         print(f"\nNote: {note}")
 
