@@ -1,4 +1,5 @@
-"""Peak resident memory of odeint_adjoint's backward pass, run as a script by test_adjoint.py.
+"""Peak resident memory of odeint_adjoint's backward pass, run as a script by test_adjoint.py (and,
+with the argument `batch`, of solve_ivp(adjoint=True)'s, by test_batch_solve.py).
 
 It runs in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536, so glibc maps every tensor
 buffer of 64 KiB or more on its own and unmaps it when freed: resident memory then follows the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 
 import flashode
 import torch
@@ -70,5 +72,31 @@ def main() -> None:
     print(json.dumps({"adjoint": adjoint[1:], "backprop": backprop, "state_numel": y0.numel()}))
 
 
+def main_batch() -> None:
+    """The same measurement for solve_ivp: adjoint=True against backprop through the batch solve."""
+    torch.manual_seed(0)
+    func = Linear()
+    y0 = torch.randn(20_000, 2, dtype=torch.float64)
+    adjoint = []
+    for span, rtol in ((0.25, 1e-5), (0.25, 1e-5), (6.0, 1e-7)):  # a warm-up, then > 10x the steps
+        y = y0.clone().requires_grad_()
+        t = torch.tensor([0.0, span], dtype=torch.float64)
+        loss = flashode.solve_ivp(func, y, t, rtol=rtol, atol=1e-7, adjoint=True).ys[:, -1].pow(2).sum()
+        func.nfe = 0
+        delta = peak_delta(lambda loss=loss, y=y: torch.autograd.grad(loss, [y, func.a]))
+        adjoint.append({"span": span, "rtol": rtol, "peak_bytes": delta, "backward_nfe": func.nfe})
+    backprop = []
+    for span in (0.25, 6.0):
+        y = y0[:2_000].clone().requires_grad_()
+        t = torch.tensor([0.0, span], dtype=torch.float64)
+
+        def backprop_through_solve(y=y, t=t):
+            loss = flashode.solve_ivp(func, y, t, rtol=1e-5, atol=1e-7).ys[:, -1].pow(2).sum()
+            torch.autograd.grad(loss, [y])
+
+        backprop.append({"span": span, "peak_bytes": peak_delta(backprop_through_solve)})
+    print(json.dumps({"adjoint": adjoint[1:], "backprop": backprop, "state_numel": y0.numel()}))
+
+
 if __name__ == "__main__":
-    main()
+    main_batch() if sys.argv[1:] == ["batch"] else main()

@@ -483,3 +483,26 @@ def test_torch_compile_of_a_model_with_a_solve_gives_eagers_gradients():
         fn(y).backward()
         grads.append(y.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+
+
+def test_adjoint_backward_memory_does_not_grow_with_steps():
+    """Peak resident memory of the backward pass in a fresh process (tests/adjoint_memory_probe.py
+    batch): the adjoint's stays flat as the steps grow 10x and more; backprop's grows."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not (sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")):
+        pytest.skip("peak resident memory is read from Linux /proc")
+    probe = os.path.join(os.path.dirname(__file__), "adjoint_memory_probe.py")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, probe, "batch"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    short, long = report["adjoint"]
+    assert long["backward_nfe"] >= 10 * short["backward_nfe"]
+    assert short["peak_bytes"] > 2 * 7 * 2 * 8 * report["state_numel"]  # it does measure the solve's buffers
+    assert long["peak_bytes"] < 1.10 * short["peak_bytes"], report
+    stored_short, stored_long = report["backprop"]
+    assert stored_long["peak_bytes"] > 3 * stored_short["peak_bytes"], report  # the measurement can fail
