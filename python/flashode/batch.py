@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _ops
 from .errors import SolverError
+from .solvers.common import tolerance
 from .tableaus import ADAPTIVE, Tableau
 
 # The step loop's default completion check interval, by device type. On CPU a read costs about a
@@ -161,20 +162,11 @@ def _per_sample_time(value: Any, batch: int, name: str, like: Tensor) -> Tensor:
 
 
 def _batch_tolerance(tol: Any, y0: Tensor, name: str) -> Tensor:
-    tol_t = torch.as_tensor(tol, dtype=y0.dtype, device=y0.device).detach()
-    if tol_t.numel() == 1:
-        value = float(tol_t)
-        if not value >= 0:
-            raise ValueError(f"{name} must be non-negative, got {value}")
-        return tol_t.reshape(())
-    try:
-        full = tol_t.expand(y0.shape)
-    except RuntimeError:
-        shapes = f"{tuple(tol_t.shape)} does not broadcast to y0's shape {tuple(y0.shape)}"
-        raise ValueError(f"{name} of shape {shapes}") from None
-    if bool((full < 0).any()):
+    """odeint's tolerance broadcasting (solvers.common.tolerance), as () or one (B, N) row per sample."""
+    tol_t = tolerance(tol, y0, name)
+    if bool((tol_t < 0).any()):
         raise ValueError(f"{name} must be non-negative")
-    return full.reshape(y0.shape[0], -1).contiguous()
+    return tol_t if tol_t.dim() == 0 else tol_t.reshape(y0.shape[0], -1)
 
 
 def prepare_batch_problem(
@@ -410,10 +402,13 @@ class BatchSolver:
         while self.running():
             graph.replay()
 
-    def solution(self, t_eval_user: Tensor) -> Solution:
+    def solution(self, t_eval_user: Tensor, ys: Tensor | None = None) -> Solution:
+        """The Solution of this solve, with `ys` (B, T, N) in place of the solver's own outputs if
+        given (the adjoint's differentiable copy)."""
         stats = {name: self.stats[:, i] for i, name in enumerate(("n_f_evals", "n_steps", "n_accepted", "n_rejected"))}
         shape = (self.problem.shape[0], self.problem.t_eval.shape[1], *self.problem.shape[1:])
-        return Solution(t_eval_user, self.ys.reshape(shape), self.status, self.t, stats, self.loop_reads)
+        ys = self.ys if ys is None else ys
+        return Solution(t_eval_user, ys.reshape(shape), self.status, self.t, stats, self.loop_reads)
 
 
 def _func_has_grad(func: Callable[..., Any]) -> bool:

@@ -193,6 +193,4 @@ def solve_with_adjoint(
     else:
         solver = _solve_forward(problem, tableau, ctrl, first_step, max_steps, clip_to_end, check_every, cuda_graph)
         ys = solver.ys
-    shape = (problem.shape[0], problem.t_eval.shape[1], *problem.shape[1:])
-    stats = {name: solver.stats[:, i] for i, name in enumerate(("n_f_evals", "n_steps", "n_accepted", "n_rejected"))}
-    return Solution(t_user, ys.reshape(shape), solver.status, solver.t, stats, solver.loop_reads)
+    return solver.solution(t_user, ys)
