@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import nn
 from ._config import show_config
 from .adjoint import odeint_adjoint
 from .batch import Solution, Status, solve_ivp
@@ -18,6 +19,6 @@ from .odeint import odeint
 
 __all__ = [
     "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "DenseSolution", "solve_ivp", "Solution", "Status",
-    "show_config", "SolverError",
+    "show_config", "SolverError", "nn",
     "__version__",
 ]
