@@ -176,7 +176,9 @@ class NeuralODE(nn.Module):
         return tuple(self.vector_field.parameters()) if isinstance(self.vector_field, nn.Module) else ()
 
     def extra_repr(self) -> str:
-        span = f"t=[{self.t[0].item():g}, {self.t[-1].item():g}]" + (f" ({len(self.t)} times)" if len(self.t) > 2 else "")
+        span = f"t=[{self.t[0].item():g}, {self.t[-1].item():g}]"
+        if len(self.t) > 2:
+            span += f" ({len(self.t)} times)"
         return f"{span}, method={self.method}, rtol={self.rtol:g}, atol={self.atol:g}, gradient={self.gradient}"
 
 
