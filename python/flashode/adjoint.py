@@ -29,6 +29,9 @@ from .solvers.rk_adaptive import AdaptiveRKSolver
 __all__ = ["odeint_adjoint"]
 
 
+# Under torch.compile the adjoint runs eagerly, as one graph break: its forward and backward solves
+# step on host decisions, and its autograd.Function carries the solver state in Python objects.
+@torch.compiler.disable(reason="flashode: odeint_adjoint runs eagerly")
 def odeint_adjoint(
     func: Callable[..., Any],
     y0: Tensor | tuple[Tensor, ...],
@@ -218,24 +221,26 @@ def _integrate_adjoint(
             isinstance(solver, AdaptiveRKSolver) and "first_step" not in options
             and isinstance(norm, AdjointNorm) and not norm.seminorm
         )
-        # The backward solve runs in internal time -tau, increasing from the last output time.
-        for i in range(len(tau) - 1, 0, -1):
-            if t_requires_grad:
-                # Moving output time t_i moves y(t_i) by f(t_i, y_i): dL/dt_i = f . dL/dy_i.
-                f_i = problem.field(tau[i], ys[i])
-                dl_dt = torch.dot(f_i.reshape(-1), grad_ys[i].reshape(-1))
-                x[2 * n] -= dl_dt
-                time_vjps[i] = dl_dt
-            span = [-tau[i], -tau[i - 1]]
-            try:
-                if carry_step:
-                    x = solver.integrate(span, y0=x, first_step=solver.next_dt)[-1]
-                else:
-                    x = solver.integrate(span, y0=x)[-1]
-            except SolverError as exc:
-                raise SolverError(f"odeint_adjoint: the backward (adjoint) solve failed: {exc}") from exc
-            x[:n] = ys[i - 1].reshape(-1)  # continue from the forward solution, not the re-integrated y
-            x[n : 2 * n] += grad_ys[i - 1].reshape(-1)
+        # The backward solve runs in internal time -tau, increasing from the last output time; one
+        # progress bar (adjoint_options['progress']) spans all its intervals.
+        with solver.progress.spanning(-tau[-1], -tau[0], field.user_time, f"{spec.method} (adjoint)"):
+            for i in range(len(tau) - 1, 0, -1):
+                if t_requires_grad:
+                    # Moving output time t_i moves y(t_i) by f(t_i, y_i): dL/dt_i = f . dL/dy_i.
+                    f_i = problem.field(tau[i], ys[i])
+                    dl_dt = torch.dot(f_i.reshape(-1), grad_ys[i].reshape(-1))
+                    x[2 * n] -= dl_dt
+                    time_vjps[i] = dl_dt
+                span = [-tau[i], -tau[i - 1]]
+                try:
+                    if carry_step:
+                        x = solver.integrate(span, y0=x, first_step=solver.next_dt)[-1]
+                    else:
+                        x = solver.integrate(span, y0=x)[-1]
+                except SolverError as exc:
+                    raise SolverError(f"odeint_adjoint: the backward (adjoint) solve failed: {exc}") from exc
+                x[:n] = ys[i - 1].reshape(-1)  # continue from the forward solution, not the re-integrated y
+                x[n : 2 * n] += grad_ys[i - 1].reshape(-1)
 
     if time_vjps is not None:
         time_vjps[0] = x[2 * n]

@@ -18,19 +18,33 @@ from torch import Tensor
 
 from ._func import VectorField, _flat_to_shape
 from .events import EventFunction
-from .solvers import ADAPTIVE_METHODS, SOLVER_NAMES, make_solver
+from .solvers import ADAPTIVE_METHODS, SOLVER_NAMES, make_solver, traceable
 from .solvers.common import StateLayout, segment_layout
 
-__all__ = ["odeint"]
+__all__ = ["odeint", "HostTimes"]
 
 # The steps an adaptive event search takes before giving up, unless options['max_num_steps'] says.
 MAX_EVENT_SEARCH_STEPS = 1_000_000
 
 
+@dataclass(frozen=True)
+class HostTimes:
+    """Output times as host floats, passed as `t` to odeint or odeint_adjoint by callers that keep
+    them so (the nn layers): the solve reads nothing from the device for them, and under
+    torch.compile they are Python constants that dynamo guards (changing them recompiles), where a
+    tensor t's values are read once, when tracing (see `_read_times`). Like a tensor t they must be
+    strictly monotonic; they carry no gradient, and `Problem.t` is made from them in float64."""
+
+    values: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
 def odeint(
     func: Callable[..., Any],
     y0: Tensor | tuple[Tensor, ...],
-    t: Tensor,
+    t: Tensor | HostTimes,
     *,
     rtol: float | Tensor | tuple[Any, ...] = 1e-7,
     atol: float | Tensor | tuple[Any, ...] = 1e-9,
@@ -50,24 +64,66 @@ def odeint(
     methods explicit_adams, implicit_adams, fixed_adams (max_order, max_iters), the implicit
     implicit_euler, implicit_midpoint, trapezoid, radauIIA3, radauIIA5, gl4, gl6, sdirk2, trbdf2
     (max_iters), all with step_size / grid_constructor / interp / perturb; and scipy_solver
-    (options solver, min_step, max_step; no gradients). Gradients flow through the solve by
-    autograd; see `odeint_adjoint` for constant memory.
+    (options solver, min_step, max_step; no gradients). Every method takes options['progress']:
+    True, or a dict of tqdm keyword arguments, shows a progress bar over the interval on stderr
+    (off by default; see `flashode.progress`). Gradients flow through the solve by autograd; see
+    `odeint_adjoint` for constant memory.
 
     With `event_fn(t, y)` (and len(t) == 2, t[1] only giving the direction), the solve runs until
     any component of event_fn changes sign and returns `(event_t, solution)`, solution = [y0,
     y(event_t)]; the event is located on the method's dense output to `atol`. `event_t` carries no
     gradient here: use `flashode.odeint_event` for a differentiable event time.
+
+    Under `torch.compile`, a fixed-grid explicit method (euler, midpoint, heun2, heun3, rk4, with t
+    or a numeric step_size giving the grid) is traced whole, so `fullgraph=True` works: t's values
+    are read when tracing and the graph raises if t later holds others, and the finiteness check of
+    the outputs runs inside the graph (a RuntimeError when it fails). Every other solve (adaptive,
+    Adams, implicit, scipy, events, grid_constructor) needs the host between steps and runs
+    eagerly as one graph break, gradients flowing through it as without compile. A traced solve
+    shows no progress bar.
     """
+    if torch.compiler.is_compiling() and not (event_fn is None and traceable(method, options)):
+        return _odeint_eagerly(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn
+        )
+    return _odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn)
+
+
+def _odeint(
+    func: Callable[..., Any],
+    y0: Tensor | tuple[Tensor, ...],
+    t: Tensor | HostTimes,
+    *,
+    rtol: Any,
+    atol: Any,
+    method: str | None,
+    options: dict[str, Any] | None,
+    event_fn: Callable[..., Any] | None,
+) -> Tensor | tuple[Tensor, ...]:
     check_event_fn(event_fn, t)
     # In event mode y(event) depends on t[0], which the solve supports (see Problem.event_start).
-    problem = prepare_problem(func, y0, t, rtol, atol, method, options, differentiable_t=event_fn is not None)
+    # Compiling here means tracing the whole solve (odeint sends every other one to eager).
+    problem = prepare_problem(
+        func, y0, t, rtol, atol, method, options, differentiable_t=event_fn is not None,
+        traced=torch.compiler.is_compiling(),
+    )
     if event_fn is None:
         return problem.unflatten(problem.solve())
     event_t, solution = problem.solve_until_event(event_fn)
     return event_t, problem.unflatten(solution)
 
 
-def check_event_fn(event_fn: Callable[..., Any] | None, t: Tensor) -> None:
+# A solve that steps on host decisions, run eagerly inside a compiled region: traced, every step's
+# host read would be a graph break and every new step size a recompilation.
+_odeint_eagerly = torch.compiler.disable(
+    _odeint,
+    reason="flashode: this solve decides its steps on the host (adaptive, Adams, implicit and scipy methods, "
+    "events, a grid_constructor or a tensor step_size) and runs eagerly; a whole solve traces as one graph "
+    "(fullgraph=True) with euler, midpoint, heun2, heun3 or rk4",
+)
+
+
+def check_event_fn(event_fn: Callable[..., Any] | None, t: Tensor | HostTimes) -> None:
     if event_fn is not None and len(t) != 2:
         raise ValueError(f"We require len(t) == 2 when in event handling mode, but got len(t)={len(t)}.")
 
@@ -148,16 +204,18 @@ class Problem:
 def prepare_problem(
     func: Callable[..., Any],
     y0: Tensor | tuple[Tensor, ...],
-    t: Tensor,
+    t: Tensor | HostTimes,
     rtol: Any,
     atol: Any,
     method: str | None,
     options: dict[str, Any] | None,
     *,
     differentiable_t: bool = False,
+    traced: bool = False,
 ) -> Problem:
     """torchdiffeq's input checks and normalisation (`_check_inputs`). Gradients with respect to
-    t exist only through the adjoint (`differentiable_t`): the solvers keep times on the host."""
+    t exist only through the adjoint (`differentiable_t`): the solvers keep times on the host.
+    `traced`: torch.compile traces the solve, which compiles t's values in (see `_read_times`)."""
     tuple_shapes: list[torch.Size] | None = None
     if not isinstance(y0, Tensor):
         assert isinstance(y0, tuple), "y0 must be either a torch.Tensor or a tuple"
@@ -178,7 +236,9 @@ def prepare_problem(
             'Invalid method "{}". Must be one of {}'.format(method, '{"' + '", "'.join(SOLVER_NAMES) + '"}.')
         )
 
-    t_host = _check_timelike("t", t)
+    t_host = _check_timelike("t", t, traced)
+    if isinstance(t, HostTimes):
+        t = torch.tensor(t_host, dtype=torch.float64, device=y0_flat.device)
     reversed_time = len(t_host) > 1 and t_host[0] > t_host[1]
 
     if torch.is_tensor(rtol):
@@ -240,14 +300,39 @@ def _check_state_dtypes(ys: tuple[Tensor, ...]) -> None:
             )
 
 
-def _check_timelike(name: str, t: Any) -> list[float]:
+def _check_timelike(name: str, t: Any, traced: bool = False) -> list[float]:
     """torchdiffeq's checks on t, done on the host copy of t (the solve's one read of t)."""
-    assert isinstance(t, torch.Tensor), "{} must be a torch.Tensor".format(name)
-    if not torch.is_floating_point(t):
-        raise TypeError("`{}` must be a floating point Tensor but is a {}".format(name, t.type()))
-    assert t.ndimension() == 1, "{} must be one dimensional".format(name)
-    values = t.detach().tolist()
+    if isinstance(t, HostTimes):
+        values = [float(x) for x in t.values]
+    else:
+        assert isinstance(t, torch.Tensor), "{} must be a torch.Tensor".format(name)
+        if not torch.is_floating_point(t):
+            raise TypeError("`{}` must be a floating point Tensor but is a {}".format(name, t.type()))
+        assert t.ndimension() == 1, "{} must be one dimensional".format(name)
+        values = _read_times(t) if traced else t.detach().tolist()
     increasing = all(b > a for a, b in zip(values, values[1:]))
     decreasing = all(b < a for a, b in zip(values, values[1:]))
     assert increasing or decreasing, "{} must be strictly increasing or decreasing".format(name)
     return values
+
+
+def _read_times(t: Tensor) -> list[float]:
+    """t's values for a solve that torch.compile traces: read once, when tracing, they become
+    constants of the graph (the solve's steps depend on them). Dynamo guards tensors by shape, not
+    value, so the graph checks on every call that t still holds them."""
+    values = list(_times_when_traced(t))
+    traced = torch.tensor(values, dtype=t.dtype, device=t.device)
+    torch._assert_async(
+        torch.eq(t.detach(), traced).all(),
+        "flashode.odeint under torch.compile: t no longer holds the times it held when the graph was traced "
+        "(a fixed-grid solve compiles its time grid in); keep t constant (a module buffer), give the times "
+        "as host floats (from flashode.odeint import HostTimes), or call torch.compiler.reset() after "
+        "changing t",
+    )
+    return values
+
+
+@torch.compiler.assume_constant_result
+def _times_when_traced(t: Tensor) -> tuple[float, ...]:
+    # Dynamo calls this with t's real value while tracing and keeps the result as a constant.
+    return tuple(t.detach().tolist())

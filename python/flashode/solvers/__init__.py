@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._func import VectorField
+from ..progress import Progress
 from ..tableaus import ADAPTIVE, FIXED, IMPLICIT
 from .adams import ADAMS_METHODS, DEFAULT_MAX_ITERS, MAX_ORDER, AdamsSolver, adams_class_name
 from .common import Callbacks, ErrorNorm, NormFn, StateLayout, as_float, tolerance
@@ -31,9 +32,21 @@ assert set(SOLVER_NAMES) == {*ADAPTIVE_METHODS, *FIXED_METHODS, *IMPLICIT, *ADAM
 
 _ADAPTIVE_OPTIONS = {
     "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor", "dfactor",
-    "max_num_steps", "norm",
+    "max_num_steps", "norm", "progress",
 }
-_FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb"}
+_FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "progress"}
+
+
+def traceable(method: str | None, options: dict[str, Any] | None) -> bool:
+    """Whether torch.compile can trace a whole solve as one graph: a fixed-grid explicit method
+    whose grid follows from host floats (t's values, a numeric step_size). Every other solve
+    reads the device to decide its steps (adaptive step control, Newton or corrector iterations,
+    scipy) or its grid (a grid_constructor, a tensor step_size)."""
+    options = options or {}
+    return (
+        method in FIXED and options.get("grid_constructor") is None
+        and not isinstance(options.get("step_size"), Tensor)
+    )
 
 
 def _as_times(x: Any, direction: float) -> list[float]:
@@ -77,7 +90,31 @@ def make_solver(
 ) -> AdaptiveRKSolver | FixedGridSolver | ScipyWrapperSolver:
     """A solver for `method` over the flat state y0. Callbacks are looked up on `func` (with
     `callback_suffix`). A grid constructor receives `grid_inputs`: a func and a view of the state
-    (default: `func` and the layout's user view)."""
+    (default: `func` and the layout's user view). options['progress'] is every method's (see
+    `flashode.progress`)."""
+    solver = _solver_for(
+        method, field, y0, rtol=rtol, atol=atol, options=options, func=func, layout=layout, direction=direction,
+        time_dtype=time_dtype, callback_suffix=callback_suffix, grid_inputs=grid_inputs,
+    )
+    solver.progress = Progress(options.get("progress"), method)
+    return solver
+
+
+def _solver_for(
+    method: str,
+    field: VectorField,
+    y0: Tensor,
+    *,
+    rtol: Any,
+    atol: Any,
+    options: dict[str, Any],
+    func: Callable[..., Any],
+    layout: StateLayout,
+    direction: float,
+    time_dtype: torch.dtype,
+    callback_suffix: str,
+    grid_inputs: tuple[Callable[..., Any], Callable[[Tensor], Any]] | None,
+) -> AdaptiveRKSolver | FixedGridSolver | ScipyWrapperSolver:
     if method == "scipy_solver":  # no layout or grid; callbacks only warn, as in torchdiffeq
         return make_scipy_solver(field, y0, rtol, atol, options, func, callback_suffix)
     callbacks = Callbacks(func, layout.shape, time_dtype, callback_suffix)

@@ -23,6 +23,7 @@ from .. import _ops
 from .._func import Perturb, VectorField
 from ..errors import SolverError
 from ..events import EventFunction, event_sign, locate_event
+from ..progress import NO_PROGRESS, Bar
 from ..tableaus import Tableau
 from .common import Callbacks, StageBuffers
 
@@ -84,6 +85,7 @@ class FixedGridSolver:
         self.y0 = y0
         self.opts = grid
         self.callbacks = callbacks
+        self.progress = NO_PROGRESS
         self.n_steps = 0
 
     # --- what a method provides ---------------------------------------------------------------
@@ -141,6 +143,13 @@ class FixedGridSolver:
     def integrate(self, t: list[float], y0: Tensor | None = None) -> Tensor:
         """Solution at the increasing internal times t, from y0 (default: the solver's y0)."""
         y0 = self.y0 if y0 is None else y0
+        bar = self.progress.open(t[0], t[-1], self.field.user_time)
+        try:
+            return self.step_through(t, y0, bar)
+        finally:
+            self.progress.release(bar)
+
+    def step_through(self, t: list[float], y0: Tensor, bar: Bar | None) -> Tensor:
         grid = self.grid(t, y0)
         self.start(y0)
         outputs: list[Tensor] = [y0.unsqueeze(0)]
@@ -150,6 +159,8 @@ class FixedGridSolver:
             self.callbacks.step(self.field, t0, y0, dt)
             taken = self.step(t0, t1, y0)
             self.n_steps += 1
+            if bar is not None:
+                bar.update(t1, dt, self.field.nfe)
             first = j
             while j < len(t) and t1 >= t[j]:
                 j += 1
@@ -167,6 +178,13 @@ class FixedGridSolver:
             raise AssertionError(
                 "Event handling for fixed step solvers currently requires `step_size` to be provided in options."
             )
+        bar = self.progress.open(t0, math.inf, self.field.user_time)
+        try:
+            return self.step_until_event(t0, event, tol, bar)
+        finally:
+            self.progress.release(bar)
+
+    def step_until_event(self, t0: float, event: EventFunction, tol: float, bar: Bar | None) -> tuple[float, Tensor]:
         y0, dt = self.y0, self.opts.step_size
         self.start(y0)
         sign0 = event_sign(event(t0, y0))
@@ -175,6 +193,8 @@ class FixedGridSolver:
             self.callbacks.step(self.field, t0, y0, dt)
             taken = self.step(t0, t1, y0)
             self.n_steps += 1
+            if bar is not None:
+                bar.update(t1, dt, self.field.nfe)
             if event_sign(event(t1, taken.y1)) != sign0:
                 start = t0
 
@@ -189,11 +209,18 @@ class FixedGridSolver:
         )
 
     def check_finite(self, state: Tensor, tau: float, dt: float) -> None:
-        if not bool(torch.isfinite(state).all()):
-            raise SolverError(
-                f"non-finite values in the state at t={self.field.user_time(tau):.10g} "
-                f"(fixed step dt={dt:.3g}: reduce step_size, or check func)"
-            )
+        if torch.compiler.is_compiling():
+            # A traced solve cannot read the device: the check runs inside the compiled graph
+            # instead, and raises a RuntimeError with the same message when it fails.
+            torch._assert_async(torch.isfinite(state).all(), self.non_finite_message(tau, dt))
+        elif not bool(torch.isfinite(state).all()):
+            raise SolverError(self.non_finite_message(tau, dt))
+
+    def non_finite_message(self, tau: float, dt: float) -> str:
+        return (
+            f"non-finite values in the state at t={self.field.user_time(tau):.10g} "
+            f"(fixed step dt={dt:.3g}: reduce step_size, or check func)"
+        )
 
 
 class FixedGridRKSolver(FixedGridSolver):

@@ -24,6 +24,7 @@ from .. import _ops
 from .._func import Perturb, VectorField
 from ..errors import SolverError
 from ..events import EventFunction, event_sign, locate_event
+from ..progress import NO_PROGRESS, Bar
 from ..tableaus import INTERPOLANTS, Tableau
 from .common import Callbacks, ErrorNorm, StageBuffers, check_finite_start, initial_step_size
 
@@ -79,6 +80,7 @@ class AdaptiveRKSolver:
         self.norm = norm
         self.opts = options
         self.callbacks = callbacks
+        self.progress = NO_PROGRESS
         self.sign = field.direction
         self.stages = len(tableau.c)
         self.rows = [list(r) for r in tableau.a]
@@ -107,6 +109,20 @@ class AdaptiveRKSolver:
         else Hairer's heuristic). `stop_after(step, y1)`, if given, is asked after every accepted
         step whether to stop there (while the step's stages are still intact)."""
         y0 = self.y0 if y0 is None else y0
+        bar = self.progress.open(t[0], t[-1], self.field.user_time)
+        try:
+            return self.step_through(t, y0, first_step, stop_after, bar)
+        finally:
+            self.progress.release(bar)
+
+    def step_through(
+        self,
+        t: list[float],
+        y0: Tensor,
+        first_step: float | None,
+        stop_after: Callable[[AcceptedStep, Tensor], bool] | None,
+        bar: Bar | None,
+    ) -> Tensor:
         field, tab, opts = self.field, self.tab, self.opts
         first_step = opts.first_step if first_step is None else first_step
         record_graph = torch.is_grad_enabled()
@@ -184,6 +200,8 @@ class AdaptiveRKSolver:
             if accept:
                 self.callbacks.accept(field, t0, y0, dt)
                 self.n_accepted += 1
+                if bar is not None:
+                    bar.update(t1, dt, field.nfe)
                 if keep_steps:  # fresh stage buffers: k is never overwritten
                     self.accepted_steps.append(AcceptedStep(t0, dt, y0, k))
                 first = next_out

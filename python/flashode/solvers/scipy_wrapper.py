@@ -2,8 +2,9 @@
 
 Options follow torchdiffeq's `ScipyWrapperODESolver`: `solver` (a `solve_ivp` method name, default
 "LSODA"), `min_step` and `max_step` go to scipy; `norm`, `grid_points` and `eps` are accepted and
-ignored; anything else warns. scipy integrates on the host in float64, so every evaluation of func
-copies the state to y0's device and dtype and f back.
+ignored; `progress` is flashode's (a bar advanced per scipy step); anything else warns. scipy
+integrates on the host in float64, so every evaluation of func copies the state to y0's device and
+dtype and f back.
 
 No gradients flow through this method (as in torchdiffeq): the outputs are new tensors without
 autograd history, whatever requires grad in y0 or func. For gradients use
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from .._func import VectorField
 from ..errors import SolverError
+from ..progress import NO_PROGRESS, Bar
 from .common import as_float, check_finite_start, tolerance
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
 _IGNORED_OPTIONS = {"norm", "grid_points", "eps"}  # torchdiffeq drops these silently
-_OPTIONS = {"solver", "min_step", "max_step"} | _IGNORED_OPTIONS
+_OPTIONS = {"solver", "min_step", "max_step", "progress"} | _IGNORED_OPTIONS
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 
@@ -84,11 +86,19 @@ class ScipyWrapperSolver:
         self.rtol = rtol
         self.atol = atol
         self.step_options = step_options
+        self.progress = NO_PROGRESS
 
     def integrate(self, t: list[float], y0: Tensor | None = None) -> Tensor:
         """Solution at the increasing internal times t (t[0] is the initial time), from y0 (default:
         the state the solver was made for), shape (len(t), *y0.shape), as a new tensor without grad."""
         y0 = self.y0 if y0 is None else y0
+        bar = self.progress.open(t[0], t[-1], self.field.user_time)
+        try:
+            return self.step_through(t, y0, bar)
+        finally:
+            self.progress.release(bar)
+
+    def step_through(self, t: list[float], y0: Tensor, bar: Bar | None) -> Tensor:
         check_finite_start(self.field, t[0], y0, None)  # before func ever sees y0
         # A copy (astype copies): y0 must not share memory with a state scipy may update in place.
         start = y0.detach().reshape(-1).cpu().numpy().astype(np.float64)
@@ -107,6 +117,8 @@ class ScipyWrapperSolver:
                 raise SolverError(f"scipy's {self.name} failed at t={self._user_time(solver.t)}: {message}")
             if not np.isfinite(solver.y).all():
                 raise SolverError(f"non-finite values in the state at t={self._user_time(solver.t)}")
+            if bar is not None:
+                bar.update(float(solver.t), float(solver.step_size), self.field.nfe)
             stop = bisect.bisect_right(t, solver.t, lo=next_out)
             if stop > next_out:
                 out[next_out:stop] = solver.dense_output()(np.asarray(t[next_out:stop])).T
