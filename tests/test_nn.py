@@ -117,6 +117,15 @@ def test_field_of_y_only_is_autonomous_solve() -> None:
     torch.testing.assert_close(NeuralODE(field, t)(y0), expected[-1], rtol=0, atol=0)
 
 
+def test_times_given_to_forward_replace_the_layers_for_one_call() -> None:
+    layer = NeuralODE(TimeField(), [0.0, 1.0], return_trajectory=True)
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    there = layer(y0)[-1]
+    back = layer(there, torch.tensor([1.0, 0.5, 0.0]))
+    assert back.shape == (3, 3, 2) and layer.t.tolist() == [0.0, 1.0]
+    torch.testing.assert_close(back[-1], y0, rtol=1e-5, atol=1e-6)
+
+
 def test_exact_solution_of_linear_decay() -> None:
     layer = NeuralODE(nn.Identity(), [0.0, -2.0], rtol=1e-10, atol=1e-12)  # dy/dt = y backwards: y e^-2
     y0 = torch.tensor([1.0, -3.0], dtype=torch.float64)

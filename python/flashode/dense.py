@@ -27,6 +27,8 @@ from .solvers.rk_adaptive import AcceptedStep
 __all__ = ["odeint_dense", "DenseSolution"]
 
 
+# Adaptive steps are decided on the host: under torch.compile the solve runs eagerly (one graph break).
+@torch.compiler.disable(reason="flashode: odeint_dense decides its steps on the host and runs eagerly")
 def odeint_dense(
     func: Callable[..., Any],
     y0: Tensor | tuple[Tensor, ...],
@@ -102,6 +104,7 @@ class DenseSolution:
     def n_steps(self) -> int:
         return len(self._steps)
 
+    @torch.compiler.disable(reason="flashode: a DenseSolution looks up its steps on the host")
     def __call__(self, t: Tensor | float) -> Tensor | tuple[Tensor, ...]:
         times = torch.as_tensor(t, dtype=torch.float64)
         if times.dim() > 1:

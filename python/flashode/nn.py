@@ -152,14 +152,16 @@ class NeuralODE(nn.Module):
         self.nfe_forward = 0
         self.nfe_backward = 0
 
-    def forward(self, y0: Tensor) -> Tensor:
+    def forward(self, y0: Tensor, t: Tensor | None = None) -> Tensor:
+        """y at the last of the layer's times (or at all of them with `return_trajectory`); `t`
+        replaces the layer's times for this call (e.g. a reversed span to run the flow backwards)."""
         if not isinstance(y0, Tensor):
             raise TypeError(f"{type(self).__name__} takes a tensor y0, got {type(y0).__name__}")
         if y0.dtype in _HALF and torch.is_autocast_enabled(y0.device.type):
             y0 = y0.float()
         field = _CountingField(self)
         self.nfe_backward = 0
-        t = self.t.to(y0.device)
+        t = (self.t if t is None else torch.as_tensor(t, dtype=self.t.dtype)).to(y0.device)
         if self.gradient == "adjoint":
             ys = odeint_adjoint(
                 field, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
