@@ -13,6 +13,7 @@
 #   6. python benchmarks/adjoint.py --device cuda (odeint_adjoint fwd+bwd vs torchdiffeq)
 #   7. python benchmarks/parity.py --device cuda --quick (events, Adams, rk4, dense output vs torchdiffeq)
 #   8. python benchmarks/batch.py --device cuda --quick (solve_ivp per-sample steps vs torchode/torchdiffeq)
+#   9. python -m flashode demo --device cuda (NeuralODE training: kernels vs reference path vs torchdiffeq)
 # then a summary table. Every step's output goes to $OUT (when set; the device tool returns files
 # written there) or to a temporary folder. Exit status: 0 when no step failed.
 #
@@ -145,8 +146,9 @@ if '$DEVICE' == 'cuda' and 'cuda' not in _ops.kernel_devices:
   run_step adjoint 90 python benchmarks/adjoint.py --device "$DEVICE" "${QUICK_FLAG[@]}" || true
   run_step parity 60 python benchmarks/parity.py --device "$DEVICE" --quick || true
   run_step batch 60 python benchmarks/batch.py --device "$DEVICE" --quick || true
+  run_step demo 60 python -m flashode demo --device "$DEVICE" --iters 300 --compare-iters 30 --out "$LOG_DIR/demo.png" || true
 else
-  for step in show_config pytest_cuda kernels overhead adjoint parity batch; do record "$step" "skipped (install failed)" 0; done
+  for step in show_config pytest_cuda kernels overhead adjoint parity batch demo; do record "$step" "skipped (install failed)" 0; done
 fi
 
 # summary
@@ -162,6 +164,9 @@ for step in kernels overhead adjoint parity batch; do
     { echo; echo "### $step tables"; echo; sed -n '/^|/p;/^Note:/p' "$LOG_DIR/$step.log"; } >>"$SUMMARY"
   fi
 done
+if [[ -s "$LOG_DIR/demo.log" ]]; then
+  { echo; echo "### demo"; echo; grep -E "ms/it|whole-trajectory|NFE per" "$LOG_DIR/demo.log" | sed 's/^/    /'; } >>"$SUMMARY"
+fi
 echo
 cat "$SUMMARY"
 exit "$FAILED"

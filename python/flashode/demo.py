@@ -254,7 +254,7 @@ def print_timings(results: list[tuple[str, TrainResult]], iters: int) -> dict[st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     parser.add_argument("--adjoint", action="store_true", help="train with the adjoint method (gradient='adjoint')")
-    parser.add_argument("--iters", type=int, default=1500, help="training iterations (default 1500)")
+    parser.add_argument("--iters", type=int, default=2000, help="training iterations (default 2000)")
     parser.add_argument("--compare-iters", type=int, default=60,
                         help="iterations timed on each path for the comparison (default 60; 0 skips it)")
     parser.add_argument("--out", default="flashode_demo.png", help="the plot's path (default flashode_demo.png)")

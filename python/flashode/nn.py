@@ -102,6 +102,9 @@ class NeuralODE(nn.Module):
     promoted to float32, the field's output is cast back to the state's dtype, and the solver
     integrates in float32 (the returned state is float32). The solve runs on y0's device.
     Attributes after a forward: `nfe_forward`, `nfe_backward` (see the module docstring).
+
+    Under `torch.compile` a fixed-grid explicit method (euler, midpoint, heun2, heun3, rk4) traces
+    whole (`fullgraph=True` works); other methods and the adjoint run eagerly as one graph break.
     """
 
     t: Tensor
