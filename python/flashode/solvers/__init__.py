@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable
@@ -19,6 +20,8 @@ from .implicit_rk import DEFAULT_MAX_ITERS as IMPLICIT_MAX_ITERS
 from .implicit_rk import TORCHDIFFEQ_CLASSES, ImplicitRKSolver
 from .rk_adaptive import AdaptiveOptions, AdaptiveRKSolver
 from .scipy_wrapper import ScipyWrapperSolver, make_scipy_solver
+
+Solver = AdaptiveRKSolver | FixedGridSolver | ScipyWrapperSolver
 
 ADAPTIVE_METHODS = tuple(ADAPTIVE)
 FIXED_METHODS = tuple(FIXED)
@@ -73,6 +76,19 @@ def _check_tolerances(rtol: Any, atol: Any, n: int) -> None:
         raise ValueError("rtol and atol cannot both be zero (for any state element): no step could ever be accepted")
 
 
+def _with_progress(build: Callable[..., Solver]) -> Callable[..., Solver]:
+    """Gives every solver `build` makes its options['progress'] bar (see `flashode.progress`)."""
+
+    @functools.wraps(build)
+    def make(method: str, *args: Any, options: dict[str, Any], **kwargs: Any) -> Solver:
+        solver = build(method, *args, options=options, **kwargs)
+        solver.progress = Progress(options.get("progress"), method)
+        return solver
+
+    return make
+
+
+@_with_progress
 def make_solver(
     method: str,
     field: VectorField,
@@ -87,34 +103,11 @@ def make_solver(
     time_dtype: torch.dtype,
     callback_suffix: str = "",
     grid_inputs: tuple[Callable[..., Any], Callable[[Tensor], Any]] | None = None,
-) -> AdaptiveRKSolver | FixedGridSolver | ScipyWrapperSolver:
+) -> Solver:
     """A solver for `method` over the flat state y0. Callbacks are looked up on `func` (with
     `callback_suffix`). A grid constructor receives `grid_inputs`: a func and a view of the state
     (default: `func` and the layout's user view). options['progress'] is every method's (see
     `flashode.progress`)."""
-    solver = _solver_for(
-        method, field, y0, rtol=rtol, atol=atol, options=options, func=func, layout=layout, direction=direction,
-        time_dtype=time_dtype, callback_suffix=callback_suffix, grid_inputs=grid_inputs,
-    )
-    solver.progress = Progress(options.get("progress"), method)
-    return solver
-
-
-def _solver_for(
-    method: str,
-    field: VectorField,
-    y0: Tensor,
-    *,
-    rtol: Any,
-    atol: Any,
-    options: dict[str, Any],
-    func: Callable[..., Any],
-    layout: StateLayout,
-    direction: float,
-    time_dtype: torch.dtype,
-    callback_suffix: str,
-    grid_inputs: tuple[Callable[..., Any], Callable[[Tensor], Any]] | None,
-) -> AdaptiveRKSolver | FixedGridSolver | ScipyWrapperSolver:
     if method == "scipy_solver":  # no layout or grid; callbacks only warn, as in torchdiffeq
         return make_scipy_solver(field, y0, rtol, atol, options, func, callback_suffix)
     callbacks = Callbacks(func, layout.shape, time_dtype, callback_suffix)
