@@ -43,4 +43,30 @@ STABLE_TORCH_LIBRARY(flashode, m) {
       "Tensor t_eval, Tensor t_end, Tensor direction, Tensor(a!) y_next, Tensor(b!) f_next, Tensor(c!) ys, "
       "Tensor(d!) t, Tensor(e!) dt, Tensor(f!) h, Tensor(g!) status, Tensor(h!) stats, Tensor(i!) next_out, "
       "Tensor(j!) history, float[] controller, int max_steps) -> Tensor");
+
+  // Whole-solve fusion for MLP vector fields (csrc/common/mlp_solve_args.h): B samples y0 (B, D),
+  // each with its own adaptive steps from t_start[b] to t_end[b] (float64 (B,)), the field an MLP
+  // whose Linear layers (widths[0] -> ... -> widths[L]; input D, plus the time when time_concat;
+  // output D) are packed in `params` (per layer its (out, in) weight, then its bias when `bias`),
+  // with activation code `activation` between layers. The method is a tableau (a: the strictly
+  // lower rows concatenated; b, b_error, c) and its dense output `poly` (as batch_step); order is
+  // the controller's (also the initial step heuristic's). step_size > 0 runs a fixed grid instead
+  // (odeint's: no error control). first_step: (B,) float64, or empty for solve_ivp's heuristic.
+  // controller and max_steps as batch_step's. Returns ys (B, T, D) at t_eval ((T,) or (B, T),
+  // float64; NaN where not reached), status (B,), t_final (B,), stats (B, 4), and with `record`
+  // the checkpoints of every accepted step: ckpt_y (K, 2, D) (the state and the first stage at
+  // its start), ckpt_t (K, 3) float64 (t0, h, t1), ckpt_offsets (B + 1,) (sample b's steps are
+  // rows offsets[b] .. offsets[b + 1]), and out_step (B, T): the step that wrote each output
+  // (-1: copied from y0, -2: not reached). Without `record`, K = 0.
+  m.def(
+      "mlp_solve(Tensor y0, Tensor params, int[] widths, int activation, bool time_concat, bool bias, "
+      "Tensor t_eval, Tensor t_start, Tensor t_end, Tensor rtol, Tensor atol, Tensor first_step, float[] a, "
+      "float[] b, float[] b_error, float[] c, float[] poly, int order, float[] controller, int max_steps, "
+      "float step_size, bool record) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of the discrete mlp_solve with respect to y0 and params, from the cotangent of ys and
+  // the forward's checkpoints: (grad_y0 (B, D), grad_params). Step sizes are not differentiated.
+  m.def(
+      "mlp_solve_backward(Tensor grad_ys, Tensor params, int[] widths, int activation, bool time_concat, "
+      "bool bias, Tensor t_eval, Tensor ckpt_y, Tensor ckpt_t, Tensor ckpt_offsets, Tensor out_step, float[] a, "
+      "float[] b, float[] c, float[] poly, float step_size) -> (Tensor, Tensor)");
 }

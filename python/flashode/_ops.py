@@ -466,3 +466,107 @@ def reference_path() -> Iterator[None]:
         yield
     finally:
         kernel_devices.update(saved)
+
+
+# ----------------------------------------------------------------------------- fused MLP solve
+# mlp_solve / mlp_solve_backward (csrc/ops.cpp; python/flashode/fused_mlp.py drives them). They have
+# a CPU kernel only so far: every other device runs the reference.
+
+MLP_OP_NAMES = ("mlp_solve", "mlp_solve_backward")
+
+
+def has_kernel(name: str, device_type: str) -> bool:
+    """Whether op `name` has a compiled kernel for a device type (not only a loaded library)."""
+    if device_type not in kernel_devices:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"flashode::{name}", key))
+
+
+def mlp_path_for(device_type: str) -> str:
+    """Which implementation mlp_solve takes on a device type: 'CPU kernel' or 'reference'."""
+    return f"{device_type.upper()} kernel" if has_kernel("mlp_solve", device_type) else "reference"
+
+
+def _mlp_direct(name: str, device: torch.device) -> Callable[..., object]:
+    """Op `name` for one device without its autograd wrapper (the device's kernel, redispatched
+    past the Autograd key, or the reference): for solves that record no graph, and for the
+    autograd.Function in fused_mlp, which carries the same formula as the registered one."""
+    key = (name, device.type, frozenset(kernel_devices))  # reference_path() empties kernel_devices
+    op = _mlp_direct_cache.get(key)
+    if op is None:
+        if not has_kernel(name, device.type):
+            op = getattr(_reference, name)
+        else:
+            keys = torch._C.DispatchKeySet(
+                torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
+            )
+            op = functools.partial(getattr(torch.ops.flashode, name).default._handle.redispatch_boxed, keys)
+        _mlp_direct_cache[key] = op
+    return op
+
+
+_mlp_direct_cache: dict[tuple[str, str, frozenset[str]], Callable[..., object]] = {}
+
+
+def mlp_solve_direct(device: torch.device) -> Callable[..., object]:
+    return _mlp_direct("mlp_solve", device)
+
+
+def mlp_solve_backward_direct(device: torch.device) -> Callable[..., object]:
+    return _mlp_direct("mlp_solve_backward", device)
+
+
+def mlp_solve_grads(ctx, grad_ys: Tensor, backward: Callable[..., object]) -> tuple[Tensor, Tensor]:  # type: ignore[no-untyped-def]
+    """(dL/dy0, dL/dparams) of an mlp_solve whose inputs and checkpoints `ctx` saved (save_mlp_solve),
+    by `backward` (the mlp_solve_backward op, or its direct form)."""
+    if not ctx.record:
+        raise RuntimeError(
+            "flashode.mlp_solve was called with record=False, so it kept no checkpoints to differentiate; "
+            "call it with record=True when its result needs gradients"
+        )
+    params, t_eval, ckpt_y, ckpt_t, offsets, out_step = ctx.saved_tensors
+    return backward(grad_ys.contiguous(), params, *ctx.mlp_args, t_eval, ckpt_y, ckpt_t, offsets, out_step,
+                    *ctx.method_args)
+
+
+def save_mlp_solve(ctx, inputs: tuple, output: tuple) -> None:  # type: ignore[no-untyped-def]
+    """What mlp_solve's backward needs, from its inputs (the op's argument order) and outputs."""
+    (_y0, params, widths, activation, time_concat, bias, t_eval, _t_start, _t_end, _rtol, _atol, _first,
+     a, b, _b_error, c, poly, _order, _controller, _max_steps, step_size, record) = inputs
+    ctx.mlp_args = (list(widths), activation, time_concat, bias)
+    ctx.method_args = (list(a), list(b), list(c), list(poly), step_size)
+    ctx.record = record
+    ctx.save_for_backward(params, t_eval, *output[4:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _register_mlp_solve() -> None:
+    lib = "flashode::"
+
+    @torch.library.register_fake(lib + "mlp_solve")
+    def _(y0, params, widths, activation, time_concat, bias, t_eval, *args):  # type: ignore[no-untyped-def]
+        batch, dim = y0.shape
+        outputs = t_eval.shape[-1]
+        rows = torch.library.get_ctx().new_dynamic_size()  # the accepted steps: known only after solving
+        long = dict(dtype=torch.int64)
+        f64 = dict(dtype=torch.float64)
+        return (
+            y0.new_empty((batch, outputs, dim)), y0.new_empty(batch, **long), y0.new_empty(batch, **f64),
+            y0.new_empty((batch, 4), **long), y0.new_empty((rows, 2, dim)), y0.new_empty((rows, 3), **f64),
+            y0.new_empty(batch + 1, **long), y0.new_empty((batch, outputs), **long),
+        )
+
+    @torch.library.register_fake(lib + "mlp_solve_backward")
+    def _(grad_ys, params, *args):  # type: ignore[no-untyped-def]
+        return grad_ys.new_empty((grad_ys.shape[0], grad_ys.shape[2])), torch.empty_like(params)
+
+    def backward(ctx, grad_ys, *_rest):  # type: ignore[no-untyped-def]
+        grad_y0, grad_params = mlp_solve_grads(ctx, grad_ys, torch.ops.flashode.mlp_solve_backward.default)
+        return (grad_y0, grad_params) + (None,) * 20
+
+    torch.library.register_autograd(lib + "mlp_solve", backward, setup_context=save_mlp_solve)
+
+
+if has_kernel("mlp_solve", "cpu") or has_kernel("mlp_solve", "cuda"):
+    _register_mlp_solve()
