@@ -256,21 +256,25 @@ class NoGradOps:
     """
 
     def __init__(self, device: torch.device) -> None:
-        keys = torch._C.DispatchKeySet(
-            torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
-        )
-        # OpOverload.redispatch is a thin Python wrapper around the handle's boxed redispatch;
-        # calling the handle directly saves a frame per op. (It fills in schema defaults such as
-        # rk_finalize's per_segment, but the solvers pass every argument anyway.)
-        stage = torch.ops.flashode.rk_stage.default._handle.redispatch_boxed
-        finalize = torch.ops.flashode.rk_finalize.default._handle.redispatch_boxed
-        dense = torch.ops.flashode.rk_dense.default._handle.redispatch_boxed
-        # partial objects call straight into C++: no Python frame per op.
-        self.rk_stage = functools.partial(stage, keys)
-        self.rk_finalize = functools.partial(finalize, keys)
-        self.rk_dense = functools.partial(dense, keys)
-        self.batch_stage = functools.partial(torch.ops.flashode.batch_stage.default._handle.redispatch_boxed, keys)
-        self.batch_step = functools.partial(torch.ops.flashode.batch_step.default._handle.redispatch_boxed, keys)
+        keys = _kernel_keys(device)
+        self.rk_stage = _redispatcher("rk_stage", keys)
+        self.rk_finalize = _redispatcher("rk_finalize", keys)
+        self.rk_dense = _redispatcher("rk_dense", keys)
+        self.batch_stage = _redispatcher("batch_stage", keys)
+        self.batch_step = _redispatcher("batch_step", keys)
+
+
+def _kernel_keys(device: torch.device) -> torch._C.DispatchKeySet:
+    """The dispatch key of a device's kernels, to redispatch to past the Autograd key."""
+    return torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU)
+
+
+def _redispatcher(name: str, keys: torch._C.DispatchKeySet) -> Callable[..., object]:
+    """Op `name` redispatched to `keys`. OpOverload.redispatch is a thin Python wrapper around the
+    handle's boxed redispatch; calling the handle directly saves a frame per op (it fills in schema
+    defaults such as rk_finalize's per_segment, but the solvers pass every argument anyway), and a
+    partial object calls straight into C++, with no Python frame at all."""
+    return functools.partial(getattr(torch.ops.flashode, name).default._handle.redispatch_boxed, keys)
 
 
 class AutogradOps:
@@ -498,10 +502,7 @@ def _mlp_direct(name: str, device: torch.device) -> Callable[..., object]:
         if not has_kernel(name, device.type):
             op = getattr(_reference, name)
         else:
-            keys = torch._C.DispatchKeySet(
-                torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
-            )
-            op = functools.partial(getattr(torch.ops.flashode, name).default._handle.redispatch_boxed, keys)
+            op = _redispatcher(name, _kernel_keys(device))
         _mlp_direct_cache[key] = op
     return op
 
