@@ -113,8 +113,14 @@ def test_field_of_y_only_is_autonomous_solve() -> None:
     field = mlp()
     t = torch.tensor([1.0, 0.25], dtype=torch.float64)  # decreasing
     y0 = torch.randn(3, 2, dtype=torch.float64)
+    generic = NeuralODE(field, t, options=dict(fused=False))
     expected = flashode.odeint(lambda t, y: field(y), y0, t)
-    torch.testing.assert_close(NeuralODE(field, t)(y0), expected[-1], rtol=0, atol=0)
+    torch.testing.assert_close(generic(y0), expected[-1], rtol=0, atol=0)
+    assert generic.last_path == "generic"
+    # The same MLP runs fused by default: each sample its own steps, the same answer to the tolerance.
+    layer = NeuralODE(field, t)
+    torch.testing.assert_close(layer(y0), expected[-1], rtol=1e-6, atol=1e-8)
+    assert layer.last_path == "fused"
 
 
 def test_times_given_to_forward_replace_the_layers_for_one_call() -> None:

@@ -24,6 +24,9 @@ def config_lines() -> list[str]:
     for device in ("cpu", "cuda"):
         why = "" if device in _ops.kernel_devices else f"  [{_ops.load_errors.get(device, 'not loaded')}]"
         lines.append(f"{device}: " + ", ".join(f"{op}={_ops.path_for(device)}" for op in _ops.OP_NAMES) + why)
+    for device in ("cpu", "cuda"):
+        lines.append(f"{device}: fused MLP solve (odeint, odeint_adjoint, solve_ivp, NeuralODE on MLP fields; "
+                     f"options fused=False for the generic path): {_ops.mlp_path_for(device)}")
     return lines
 
 

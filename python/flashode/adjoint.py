@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ._augmented import AdjointNorm, AugmentedDynamics, adjoint_layout, wrap_user_adjoint_norm
 from .errors import SolverError
+from .fused_dispatch import try_odeint_fused, without_fused_option
 from .odeint import Problem, check_event_fn, prepare_problem
 from .solvers import make_solver
 from .solvers.rk_adaptive import AdaptiveRKSolver
@@ -58,6 +59,10 @@ def odeint_adjoint(
     leaves the parameter-gradient channels out of the backward error control, usually saving
     steps. A custom adjoint norm receives `(t, y, adj_y, *adj_params)` (for a tuple state
     `(t, *y, *adj_y, *adj_params)`).
+
+    A field that runs fused (see `flashode.odeint`) gets the gradients of the discrete solve from
+    the fused op instead (exact for the computed outputs; one checkpoint of 2 D + 3 values per
+    accepted step, so memory stays small); ``options=dict(fused=False)`` keeps the adjoint solve.
     """
     if adjoint_params is None and not isinstance(func, nn.Module):
         raise ValueError(
@@ -91,6 +96,13 @@ def odeint_adjoint(
             raise TypeError(f"odeint_adjoint: adjoint parameters must be floating point tensors, got {p.dtype}")
 
     check_event_fn(event_fn, t)
+    if event_fn is None:
+        fused = try_odeint_fused(func, y0, t, rtol, atol, method, options, caller="odeint_adjoint",
+                                 adjoint_params=params)
+        if fused is not None:
+            return fused.ys
+    options = without_fused_option(options)
+    adjoint_options = without_fused_option(adjoint_options)
     problem = prepare_problem(func, y0, t, rtol, atol, method, options, differentiable_t=True)
     for name, tol in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if isinstance(tol, (tuple, list)) or (isinstance(tol, Tensor) and tol.numel() != 1):

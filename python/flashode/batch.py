@@ -454,6 +454,7 @@ def solve_ivp(
     adjoint_atol: Any = None,
     adjoint_params: Any = None,
     cuda_graph: bool = False,
+    fused: bool | None = None,
 ) -> Solution:
     """Solve B independent initial value problems at once, each with its own adaptive steps.
 
@@ -492,6 +493,13 @@ def solve_ivp(
             error-controlled (a seminorm). Samples that failed forward get zero gradients.
         cuda_graph: on CUDA, capture a chunk of ``check_every`` steps as a CUDA graph once and
             replay it (func must be capturable: no host syncs or CPU tensors inside).
+        fused: whether an MLP field (`flashode.nn.MLPField`, or an nn.Sequential of Linear layers
+            and one activation in `flashode.nn.Autonomous`) with y0 of shape (B, D) runs the whole
+            solve in one op (`flashode.fused_mlp`: the same steps and outputs up to rounding, no
+            Python per step): None runs it fused when it can, True requires it (an error says why
+            it cannot), False never. Fused, the gradients are those of the discrete solve also with
+            ``adjoint=True`` (one small checkpoint per accepted step; the adjoint tolerances are
+            not used), and ``check_every`` does not apply (``loop_reads`` is 0).
 
     Returns:
         A `Solution` (ts, ys, status, t_final, stats). A failing sample does not stop the others:
@@ -502,6 +510,20 @@ def solve_ivp(
     """
     if method not in ADAPTIVE:
         raise ValueError(f'Invalid method "{method}" for solve_ivp. Must be one of {sorted(ADAPTIVE)}')
+    if fused is not False:
+        from .fused_dispatch import solve_ivp_fused_reason
+        from .fused_mlp import solve_mlp
+
+        reason = solve_ivp_fused_reason(func, y0, cuda_graph, adjoint_params)
+        if reason is None:
+            return solve_mlp(
+                func, y0, t_eval, method=method, rtol=rtol, atol=atol, t_start=t_start, t_end=t_end,
+                first_step=first_step, max_steps=max_steps, controller=controller, pcoeff=pcoeff, icoeff=icoeff,
+                dcoeff=dcoeff, safety=safety, ifactor=ifactor, dfactor=dfactor, dt_min=dt_min, dt_max=dt_max,
+                clip_to_end=clip_to_end,
+            )
+        if fused:
+            raise ValueError(f"solve_ivp: fused=True but the fused MLP solve cannot run: {reason}")
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     problem = prepare_batch_problem(func, y0, t_eval, t_start, t_end, rtol, atol)

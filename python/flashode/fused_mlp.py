@@ -7,9 +7,10 @@ every sample with its own adaptive steps, and no Python in the step loop, forwar
 
 * `MLPField`: an ordinary nn.Module MLP field f(t, y) (plain PyTorch in ``forward``: it works with
   every solver) that the fused solve recognises.
+* `Autonomous(module)`: f(t, y) = module(y), so that an nn.Sequential MLP is a field odeint can call.
 * `mlp_spec(module)`: the fused solve's description of an `MLPField`, or of an nn.Sequential of
-  nn.Linear layers and one supported activation alternating (a time-independent field); None for
-  anything else, and `mlp_spec_reason(module)` says why.
+  nn.Linear layers and one supported activation alternating (a time-independent field, bare or in
+  `Autonomous`); None for anything else, and `mlp_spec_reason(module)` says why.
 * `solve_mlp(field, y0, t_eval, ...)`: `solve_ivp`'s contract (per-sample adaptive steps, the same
   controller, initial step heuristic and dense output, so the same steps) on the fused op, or a
   fixed grid (euler, rk4, ...: odeint's) with ``step_size``. Differentiable in y0 and the field's
@@ -32,7 +33,7 @@ from .batch import Solution, _per_sample_time, make_controller, prepare_batch_pr
 from .solvers.fixed_grid import linear_dense
 from .tableaus import ADAPTIVE, FIXED, Tableau
 
-__all__ = ["ACTIVATIONS", "MLPField", "MLPSpec", "mlp_spec", "mlp_spec_reason", "solve_mlp"]
+__all__ = ["ACTIVATIONS", "Autonomous", "MLPField", "MLPSpec", "mlp_spec", "mlp_spec_reason", "solve_mlp"]
 
 # Activation names, in the order of their codes in the op (csrc/common/mlp_solve_args.h).
 ACTIVATIONS = _reference.MLP_ACTIVATIONS
@@ -91,6 +92,18 @@ class MLPField(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, activation={self.activation!r}, time={self.time!r}"
+
+
+class Autonomous(nn.Module):
+    """A field of y alone as f(t, y) = module(y), the form odeint and solve_ivp call: wraps e.g. an
+    nn.Sequential MLP, which then runs fused as an `MLPField` does."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, t: Tensor | float, y: Tensor) -> Tensor:
+        return self.module(y)
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,12 @@ def _has_hooks(modules: list[nn.Module]) -> bool:
 
 def _inspect(module: Any) -> MLPSpec | str:
     """The spec of a supported field, else the reason it is not one."""
+    if type(module) is Autonomous:
+        if _has_hooks([module]):
+            return "the field has forward or backward hooks, which the fused solve would skip"
+        if type(module.module) is not nn.Sequential:
+            return "Autonomous(m) runs fused when m is an nn.Sequential MLP (an MLPField is already f(t, y))"
+        return _inspect(module.module)
     if type(module) is MLPField:
         if any(type(m) is not nn.Linear for m in module.layers) or module.activation not in ACTIVATIONS:
             return "the MLPField's layers or activation were replaced by unsupported ones"

@@ -7,6 +7,9 @@ submodule) and its integration times (a buffer, so they move with the layer and 
 `nfe_backward` for the evaluations the backward pass makes (the adjoint's backward solve; zero for
 backpropagation through the solver, which replays the recorded evaluations instead of calling the
 field again). Chen et al. report these as the model's cost.
+
+The MLP fields the fused whole-solve op runs (`MLPField`, and `Autonomous` to use an nn.Sequential
+MLP as f(t, y) with odeint) live in `flashode.fused_mlp` and are exported here.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .adjoint import odeint_adjoint
+from .fused_dispatch import FusedSolve, try_odeint_fused, without_fused_option
+from .fused_mlp import Autonomous, MLPField
 from .odeint import odeint
 
-__all__ = ["NeuralODE", "ODEBlock"]
+__all__ = ["Autonomous", "MLPField", "NeuralODE", "ODEBlock"]
 
 GRADIENT_MODES = ("autograd", "adjoint")
 _HALF = (torch.float16, torch.bfloat16)
@@ -101,7 +106,12 @@ class NeuralODE(nn.Module):
     Under `torch.autocast` the field may compute in float16/bfloat16: a half-precision y0 is
     promoted to float32, the field's output is cast back to the state's dtype, and the solver
     integrates in float32 (the returned state is float32). The solve runs on y0's device.
-    Attributes after a forward: `nfe_forward`, `nfe_backward` (see the module docstring).
+    Attributes after a forward: `nfe_forward`, `nfe_backward` (see the module docstring), and
+    `last_path`: "fused" when the solve ran in the fused MLP op (an `MLPField`, or an nn.Sequential
+    MLP of y alone, with an explicit RK method; see `flashode.fused_dispatch`: each sample has its
+    own steps, gradients are the discrete solve's in both gradient modes, `nfe_forward` is the
+    most any sample made and `nfe_backward` stays 0), else "generic". ``options=dict(fused=False)``
+    keeps the generic path.
 
     Under `torch.compile` a fixed-grid explicit method (euler, midpoint, heun2, heun3, rk4) traces
     whole (`fullgraph=True` works); other methods and the adjoint run eagerly as one graph break.
@@ -154,6 +164,7 @@ class NeuralODE(nn.Module):
         self.time_dependent = takes_time(vector_field) if time_dependent is None else bool(time_dependent)
         self.nfe_forward = 0
         self.nfe_backward = 0
+        self.last_path = ""
 
     def forward(self, y0: Tensor, t: Tensor | None = None) -> Tensor:
         """y at the last of the layer's times (or at all of them with `return_trajectory`); `t`
@@ -162,20 +173,43 @@ class NeuralODE(nn.Module):
             raise TypeError(f"{type(self).__name__} takes a tensor y0, got {type(y0).__name__}")
         if y0.dtype in _HALF and torch.is_autocast_enabled(y0.device.type):
             y0 = y0.float()
-        field = _CountingField(self)
         self.nfe_backward = 0
         t = (self.t if t is None else torch.as_tensor(t, dtype=self.t.dtype)).to(y0.device)
+        fused = self._try_fused(y0, t)
+        self.last_path = "generic" if fused is None else "fused"
+        if fused is not None:
+            self.nfe_forward = fused.nfe
+            return fused.ys if self.return_trajectory else fused.ys[-1]
+        field = _CountingField(self)
+        options = without_fused_option(self.options)
         if self.gradient == "adjoint":
             ys = odeint_adjoint(
-                field, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
+                field, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=options,
                 adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol, adjoint_method=self.adjoint_method,
                 adjoint_options=self.adjoint_options, adjoint_params=self._adjoint_params(),
             )
         else:
-            ys = odeint(field, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
+            ys = odeint(field, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=options)
         field.in_forward = False
         self.nfe_forward = field.forward_calls
         return ys if self.return_trajectory else ys[-1]
+
+    def _try_fused(self, y0: Tensor, t: Tensor) -> FusedSolve | None:
+        """The forward as one fused MLP solve when the field is one (an MLPField, or an
+        nn.Sequential MLP of y alone) and the call allows it (see `flashode.fused_dispatch`); None
+        for the generic path. Under autocast the generic path runs, so the field computes in the
+        precision asked for."""
+        if torch.is_autocast_enabled(y0.device.type):
+            return None
+        field = self.vector_field
+        if not self.time_dependent and type(field) is nn.Sequential:
+            field = Autonomous(field)
+        elif not (self.time_dependent and type(field) is MLPField):
+            return None
+        caller = "NeuralODE" if self.gradient == "autograd" else "NeuralODE (adjoint)"
+        params = self._adjoint_params() if self.gradient == "adjoint" else None
+        return try_odeint_fused(field, y0, t, self.rtol, self.atol, self.method, self.options, caller=caller,
+                                adjoint_params=params)
 
     def _adjoint_params(self) -> tuple[Tensor, ...]:
         return tuple(self.vector_field.parameters()) if isinstance(self.vector_field, nn.Module) else ()

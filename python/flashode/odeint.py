@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ._func import VectorField, _flat_to_shape
 from .events import EventFunction
+from .fused_dispatch import fused_option, try_odeint_fused, without_fused_option
 from .solvers import ADAPTIVE_METHODS, SOLVER_NAMES, make_solver, traceable
 from .solvers.common import StateLayout, segment_layout
 
@@ -81,6 +82,12 @@ def odeint(
     Adams, implicit, scipy, events, grid_constructor) needs the host between steps and runs
     eagerly as one graph break, gradients flowing through it as without compile. A traced solve
     shows no progress bar.
+
+    An MLP field the fused solve understands (`flashode.nn.MLPField`, or an nn.Sequential of Linear
+    layers and one activation wrapped in `flashode.nn.Autonomous`) with an explicit RK method runs
+    the whole solve in one op, each row of y0 (leading dimensions) with its own steps; see
+    `flashode.fused_dispatch` for what differs, options['fused'] (None: automatic, True: required,
+    False: never) to choose, and `flashode.fused_dispatch.fused_reason` to ask why not.
     """
     if torch.compiler.is_compiling() and not (event_fn is None and traceable(method, options)):
         return _odeint_eagerly(
@@ -101,6 +108,13 @@ def _odeint(
     event_fn: Callable[..., Any] | None,
 ) -> Tensor | tuple[Tensor, ...]:
     check_event_fn(event_fn, t)
+    if event_fn is None:
+        fused = try_odeint_fused(func, y0, t, rtol, atol, method, options)
+        if fused is not None:
+            return fused.ys
+    elif fused_option(options):
+        raise ValueError("odeint: options['fused'] is True but the fused MLP solve has no event handling (event_fn)")
+    options = without_fused_option(options)
     # In event mode y(event) depends on t[0], which the solve supports (see Problem.event_start).
     # Compiling here means tracing the whole solve (odeint sends every other one to eager).
     problem = prepare_problem(
