@@ -14,6 +14,9 @@
 #   7. python benchmarks/parity.py --device cuda --quick (events, Adams, rk4, dense output vs torchdiffeq)
 #   8. python benchmarks/batch.py --device cuda --quick (solve_ivp per-sample steps vs torchode/torchdiffeq)
 #   9. python -m flashode demo --device cuda (NeuralODE training: kernels vs reference path vs torchdiffeq)
+#  10. python benchmarks/fused_mlp.py --device cuda (the fused whole-solve MLP op vs the generic path,
+#      torchdiffeq and torchode at B = 4096 and 1e6; run right after the CUDA tests, before the
+#      older benchmarks, so the deadline cannot skip it)
 # then a summary table. Every step's output goes to $OUT (when set; the device tool returns files
 # written there) or to a temporary folder. Exit status: 0 when no step failed.
 #
@@ -141,6 +144,8 @@ if '$DEVICE' == 'cuda' and 'cuda' not in _ops.kernel_devices:
 " || true
   # exit 5 = no tests collected (e.g. none match): not a failure
   run_step pytest_cuda 120 --ok-codes "0 5" python -m pytest -q -x -p no:cacheprovider tests -k cuda || true
+  run_step fused_mlp 80 python benchmarks/fused_mlp.py --device "$DEVICE" --batch 4096 1000000 --repeats 3 \
+    --libraries flashode-fused flashode-generic torchdiffeq torchode || true
   run_step kernels 90 python benchmarks/kernels.py --device "$DEVICE" --budget 0.5 "${QUICK_FLAG[@]}" || true
   run_step overhead 90 python benchmarks/overhead.py --device "$DEVICE" --grad "${QUICK_FLAG[@]}" || true
   run_step adjoint 90 python benchmarks/adjoint.py --device "$DEVICE" "${QUICK_FLAG[@]}" || true
@@ -148,7 +153,7 @@ if '$DEVICE' == 'cuda' and 'cuda' not in _ops.kernel_devices:
   run_step batch 60 python benchmarks/batch.py --device "$DEVICE" --quick || true
   run_step demo 60 python -m flashode demo --device "$DEVICE" --iters 300 --compare-iters 30 --out "$LOG_DIR/demo.png" || true
 else
-  for step in show_config pytest_cuda kernels overhead adjoint parity batch demo; do record "$step" "skipped (install failed)" 0; done
+  for step in show_config pytest_cuda fused_mlp kernels overhead adjoint parity batch demo; do record "$step" "skipped (install failed)" 0; done
 fi
 
 # summary
@@ -159,7 +164,7 @@ fi
   echo "|---|---|---:|"
   printf '%s\n' "${ROWS[@]}"
 } >"$SUMMARY"
-for step in kernels overhead adjoint parity batch; do
+for step in fused_mlp kernels overhead adjoint parity batch; do
   if [[ -s "$LOG_DIR/$step.log" ]]; then
     { echo; echo "### $step tables"; echo; sed -n '/^|/p;/^Note:/p' "$LOG_DIR/$step.log"; } >>"$SUMMARY"
   fi

@@ -7,13 +7,17 @@ one core with one thread; each reports the median of its repeats after a warm-up
 time is reported separately). Two modes: forward (no gradients), and forward + backward of
 loss = sum of squares of all outputs with respect to y0 and the weights.
 
-Libraries: flashode fused (`fused_mlp.solve_mlp`), flashode generic (`solve_ivp` with the MLP as
-a Python func; both step every sample on its own), torchode (per-sample steps), torchdiffeq
+Libraries: flashode fused (`solve_ivp` on an `MLPField`, fused=True), flashode odeint (the drop-in
+`odeint` call, which runs the same op), flashode generic (`solve_ivp` with fused=False: the MLP as
+a Python func; all three step every sample on its own), torchode (per-sample steps), torchdiffeq
 (one step size for the batch), and diffrax (JAX jit, the solve vmapped over samples so each keeps
-its own steps). The error column is the largest deviation of the outputs from a float64
-flashode solve at rtol 1e-10.
+its own steps; CPU only). The error column is the largest deviation of the outputs from a float64
+generic flashode solve at rtol 1e-10.
 
-Usage:  python benchmarks/fused_mlp.py [--batch 16 256 4096] [--repeats 11] [--libraries ...]
+`--device cuda` runs the torch libraries on the GPU (one process each, synchronised timings), for
+B up to 1e6 with `--batch`.
+
+Usage:  python benchmarks/fused_mlp.py [--batch 16 256 4096] [--repeats 11] [--libraries ...] [--device cpu]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 RTOL, ATOL, N_TIMES, HIDDEN = 1e-6, 1e-8, 10, 64
-LIBRARIES = ("flashode-fused", "flashode-generic", "torchode", "torchdiffeq", "diffrax")
+LIBRARIES = ("flashode-fused", "flashode-odeint", "flashode-generic", "torchode", "torchdiffeq", "diffrax")
 
 
 def problem(batch: int) -> dict[str, Any]:
@@ -46,11 +50,13 @@ def problem(batch: int) -> dict[str, Any]:
     }
 
 
-def median_ms(run: Callable[[], Any], repeats: int) -> float:
+def median_ms(run: Callable[[], Any], repeats: int, sync: Callable[[], Any] = lambda: None) -> float:
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         run()
+        sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -80,7 +86,8 @@ def reference_outputs(spec: dict[str, Any]) -> Any:
     field = torch_mlp(spec, torch.float64)
     y0 = torch.tensor(spec["y0"], dtype=torch.float64)
     with torch.no_grad():
-        return flashode.solve_ivp(field, y0, torch.tensor(spec["t"], dtype=torch.float64), rtol=1e-10, atol=1e-12).ys
+        t = torch.tensor(spec["t"], dtype=torch.float64)
+        return flashode.solve_ivp(field, y0, t, rtol=1e-10, atol=1e-12, fused=False).ys
 
 
 def torch_solver(library: str, field: Any, t: Any) -> Callable[[Any], Any]:
@@ -88,12 +95,13 @@ def torch_solver(library: str, field: Any, t: Any) -> Callable[[Any], Any]:
     import torch
 
     import flashode
-    from flashode import fused_mlp
 
     if library == "flashode-fused":
-        return lambda y0: fused_mlp.solve_mlp(field, y0, t, rtol=RTOL, atol=ATOL).ys
+        return lambda y0: flashode.solve_ivp(field, y0, t, rtol=RTOL, atol=ATOL, fused=True).ys
+    if library == "flashode-odeint":  # the drop-in call: odeint on an MLPField runs fused too
+        return lambda y0: flashode.odeint(field, y0, t, rtol=RTOL, atol=ATOL, options=dict(fused=True)).transpose(0, 1)
     if library == "flashode-generic":
-        return lambda y0: flashode.solve_ivp(field, y0, t, rtol=RTOL, atol=ATOL).ys
+        return lambda y0: flashode.solve_ivp(field, y0, t, rtol=RTOL, atol=ATOL, fused=False).ys
     if library == "torchdiffeq":
         import torchdiffeq
 
@@ -112,14 +120,15 @@ def torch_solver(library: str, field: Any, t: Any) -> Callable[[Any], Any]:
     return solve
 
 
-def run_torch(library: str, spec: dict[str, Any], repeats: int) -> dict[str, Any]:
+def run_torch(library: str, spec: dict[str, Any], repeats: int, device: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    field = torch_mlp(spec, torch.float32)
-    t = torch.tensor(spec["t"])
-    y0 = torch.tensor(spec["y0"])
+    field = torch_mlp(spec, torch.float32).to(device)
+    t = torch.tensor(spec["t"], device=device)
+    y0 = torch.tensor(spec["y0"], device=device)
     solve = torch_solver(library, field, t)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward() -> Any:
         with torch.no_grad():
@@ -132,8 +141,9 @@ def run_torch(library: str, spec: dict[str, Any], repeats: int) -> dict[str, Any
 
     out = forward()
     forward_backward()
-    err = (out.double() - reference_outputs(spec)).abs().max().item()
-    return {"forward_ms": median_ms(forward, repeats), "grad_ms": median_ms(forward_backward, repeats), "err": err}
+    err = (out.double().cpu() - reference_outputs(spec)).abs().max().item()
+    return {"forward_ms": median_ms(forward, repeats, sync), "grad_ms": median_ms(forward_backward, repeats, sync),
+            "err": err}
 
 
 # ----------------------------------------------------------------------------- JAX child
@@ -188,20 +198,21 @@ def run_diffrax(spec: dict[str, Any], repeats: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
-def child(library: str, batch: int, repeats: int) -> None:
+def child(library: str, batch: int, repeats: int, device: str) -> None:
     spec = problem(batch)
-    result = run_diffrax(spec, repeats) if library == "diffrax" else run_torch(library, spec, repeats)
+    result = run_diffrax(spec, repeats) if library == "diffrax" else run_torch(library, spec, repeats, device)
     print("RESULT " + json.dumps(result))
 
 
-def launch(library: str, batch: int, repeats: int) -> dict[str, Any] | str:
+def launch(library: str, batch: int, repeats: int, device: str) -> dict[str, Any] | str:
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
         "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "python"),
                                                                              os.environ.get("PYTHONPATH")])),
     }
-    command = [sys.executable, __file__, "--child", library, "--batch", str(batch), "--repeats", str(repeats)]
+    command = [sys.executable, __file__, "--child", library, "--batch", str(batch), "--repeats", str(repeats),
+               "--device", device]
     if shutil.which("taskset"):
         command = ["taskset", "-c", "0", *command]  # one core for every library alike
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
@@ -216,19 +227,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 4096])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.batch[0], args.repeats)
+        child(args.child, args.batch[0], args.repeats, args.device)
         return
+    libraries = [name for name in args.libraries if not (args.device == "cuda" and name == "diffrax")]
+    where = "one core" if args.device == "cpu" else "CUDA (diffrax skipped: JAX runs on the CPU here)"
     print(f"MLP 2-{HIDDEN}-{HIDDEN}-2 tanh, dopri5 rtol {RTOL:g} atol {ATOL:g}, {N_TIMES} output times on [0, 1], "
-          f"float32, one core, median of {args.repeats}\n")
+          f"float32, {where}, median of {args.repeats}\n")
     print("| B | library | forward ms | fwd vs fused | fwd+bwd ms | fwd+bwd vs fused | max err | JAX compile s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         base: dict[str, Any] | None = None
-        for library in args.libraries:
-            result = launch(library, batch, args.repeats)
+        for library in libraries:
+            result = launch(library, batch, args.repeats, args.device)
             if isinstance(result, str):
                 print(f"| {batch} | {library} | failed: {result} | | | | | |")
                 continue
