@@ -511,19 +511,19 @@ def solve_ivp(
     if method not in ADAPTIVE:
         raise ValueError(f'Invalid method "{method}" for solve_ivp. Must be one of {sorted(ADAPTIVE)}')
     if fused is not False:
-        from .fused_dispatch import solve_ivp_fused_reason
+        from .fused_dispatch import solve_ivp_fused_spec
         from .fused_mlp import solve_mlp
 
-        reason = solve_ivp_fused_reason(func, y0, cuda_graph, adjoint_params)
-        if reason is None:
+        spec = solve_ivp_fused_spec(func, y0, cuda_graph, adjoint_params)
+        if not isinstance(spec, str):
             return solve_mlp(
-                func, y0, t_eval, method=method, rtol=rtol, atol=atol, t_start=t_start, t_end=t_end,
+                spec, y0, t_eval, method=method, rtol=rtol, atol=atol, t_start=t_start, t_end=t_end,
                 first_step=first_step, max_steps=max_steps, controller=controller, pcoeff=pcoeff, icoeff=icoeff,
                 dcoeff=dcoeff, safety=safety, ifactor=ifactor, dfactor=dfactor, dt_min=dt_min, dt_max=dt_max,
                 clip_to_end=clip_to_end,
             )
         if fused:
-            raise ValueError(f"solve_ivp: fused=True but the fused MLP solve cannot run: {reason}")
+            raise ValueError(f"solve_ivp: fused=True but the fused MLP solve cannot run: {spec}")
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     problem = prepare_batch_problem(func, y0, t_eval, t_start, t_end, rtol, atol)

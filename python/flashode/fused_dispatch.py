@@ -37,7 +37,7 @@ from .errors import SolverError
 from .fused_mlp import MLPSpec, mlp_spec, mlp_spec_reason, solve_mlp
 from .tableaus import ADAPTIVE, FIXED
 
-__all__ = ["FusedSolve", "fused_reason", "solve_ivp_fused_reason", "try_odeint_fused"]
+__all__ = ["FusedSolve", "fused_reason", "solve_ivp_fused_spec", "try_odeint_fused"]
 
 logger = logging.getLogger("flashode")
 
@@ -99,17 +99,17 @@ def _device_reason(spec: MLPSpec, y0: Tensor) -> str | None:
     return None
 
 
-def solve_ivp_fused_reason(func: Any, y0: Any, cuda_graph: bool, adjoint_params: Any) -> str | None:
-    """Why a solve_ivp call cannot run fused (None: it can); solve_mlp checks the rest."""
+def solve_ivp_fused_spec(func: Any, y0: Any, cuda_graph: bool, adjoint_params: Any) -> MLPSpec | str:
+    """The field's spec when a solve_ivp call can run fused (solve_mlp checks the rest), else why not."""
     spec = mlp_spec(func)
     reason = _field_reason(spec, func, adjoint_params)
     if reason is not None or spec is None:
-        return reason
+        return reason or ""
     if cuda_graph:
         return "cuda_graph=True asks for the generic solver's captured steps"
     if not isinstance(y0, Tensor) or y0.dim() != 2 or y0.shape[1] != spec.dim:
         return f"y0 must have shape (B, {spec.dim}) for this field"
-    return _device_reason(spec, y0)
+    return _device_reason(spec, y0) or spec
 
 
 def _odeint_reason(
