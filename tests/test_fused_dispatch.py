@@ -292,3 +292,18 @@ def test_neural_ode_under_autocast_keeps_the_generic_path() -> None:
 
 def test_show_config_names_the_fused_path() -> None:
     assert any("fused MLP solve" in line and "cpu" in line for line in flashode._config.config_lines())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_fused_and_too_wide_networks_fall_back(fused_log) -> None:
+    f = field(dtype=torch.float32).cuda()
+    y0 = torch.randn(300, 2, device="cuda")
+    t = torch.linspace(0, 1, 5, device="cuda")
+    out = flashode.odeint(f, y0, t, rtol=1e-6, atol=1e-8)
+    assert ran_fused(fused_log)
+    on_cpu = flashode.odeint(f.cpu(), y0.cpu(), t.cpu(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out.cpu(), on_cpu, rtol=1e-4, atol=1e-5)
+    wide = MLPField(2, 1024, 8).cuda()
+    assert "shared memory" in fused_dispatch.fused_reason(wide, y0, t)
+    flashode.odeint(wide, y0[:4], t, rtol=1e-3, atol=1e-4)
+    assert not ran_fused(fused_log)

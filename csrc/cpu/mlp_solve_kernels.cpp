@@ -41,6 +41,7 @@
 
 #include "common/mlp_solve_args.h"
 #include "cpu/cpu_common.h"
+#include "cpu/mlp_solve_per_sample.h"
 
 namespace flashode {
 namespace {
@@ -61,9 +62,12 @@ constexpr int64_t kMinPieceTiles = 8;
 // auto-vectorise the activations' selects, so unlike the other CPU kernels these are not
 // FLASHODE_CPU_CLONES of plain loops: the same templates are instantiated once per instruction-set
 // level with that level's width, and the level is picked once per process by GCC's function
-// multiversioning (the CPU detection FLASHODE_CPU_CLONES uses). No level contracts a * b + c into
-// an FMA (-ffp-contract=off) and every lane computes the same sequence of operations, so all
-// levels round alike.
+// multiversioning (the CPU detection FLASHODE_CPU_CLONES uses). Every lane computes the same
+// sequence of operations. The AVX2 and AVX-512 levels contract a * b + c into fused multiply-adds
+// (their functions alone are built with fp-contract=fast: the same expressions, so the same
+// contractions, and those levels give the same bits; the matrix products take about half the
+// instructions); the base level (SSE2 has no FMA) rounds the product and the sum apart, so it
+// differs from them by rounding only. The step control outside these passes never contracts.
 
 // The vector helpers below are always inlined into their level's target functions, so no vector
 // ever crosses a call boundary: GCC's note that such a call's ABI depends on the target is moot.
@@ -165,15 +169,32 @@ struct SimdMath : Simd<T, Bytes> {
     return z < 0 ? e * r : r;
   }
 
+  // float32 tanh(z) = x P(x^2) / Q(x^2), x = z clamped to [-9, 9] (beyond, tanh(z) rounds to +-1), P and Q
+  // of degree 4 with P(0) = Q(0) = 1 (so tanh(z) = z to rounding near 0): a rational fitted for the
+  // least maximum relative error on [0, 9], 2e-8 (0.4 ulp) in exact arithmetic; evaluated in float32
+  // at most 4.5 ulp from tanh (near +-1, where P and Q are large), about 1 ulp typically. Half the
+  // operations of expm1 and a division, and tanh is most of a tile's elementwise work. A NaN passes.
+  [[gnu::always_inline]] static V tanh_rational(V z) {
+    const V x = z > 9.0f ? S::splat(9.0f) : z < -9.0f ? S::splat(-9.0f) : z;
+    const V s = x * x;
+    const V p = (((1.341989453e-08f * s + 2.066132220e-05f) * s + 3.498999868e-03f) * s + 1.338398308e-01f) * s + 1;
+    const V q = (((7.804761140e-07f * s + 3.291044268e-04f) * s + 2.589021996e-02f) * s + 4.671730399e-01f) * s + 1;
+    return x * p / q;
+  }
+
   // Each activation as value a = act(z) and derivative g = act'(z), in the form of torch's backward.
   template <int Activation>
   [[gnu::always_inline]] static void eval(V z, V& a, V& g) {
     const V zero = V{}, one = S::splat(1);
     V e;
     if (Activation == kTanh) {
-      const V m = expm1_nonpositive(-2 * abs(z));  // tanh|z| = -m / (m + 2)
-      const V t = -m / (m + 2);
-      a = z < 0 ? -t : t;
+      if constexpr (std::is_same<T, float>::value) {
+        a = tanh_rational(z);
+      } else {
+        const V m = expm1_nonpositive(-2 * abs(z));  // tanh|z| = -m / (m + 2)
+        const V t = -m / (m + 2);
+        a = z < 0 ? -t : t;
+      }
       g = 1 - a * a;
     } else if (Activation == kSoftplus) {  // beta 1, threshold 20 (torch's defaults): z above it
       const V s = sigmoid(z, e);
@@ -254,7 +275,8 @@ struct SimdGemm : Simd<T, Bytes> {
   using S = Simd<T, Bytes>;
   using V = typename S::V;
   static constexpr int kPer = kLanes<T> / S::kWidth;  // vectors per row of lanes
-  // Rows per block: 2 kRows kPer accumulators of the registers' 16 (SSE2, AVX2) or 32 (AVX-512).
+  // Rows per block: 2 kRows kPer accumulators of the registers' 16 (SSE2, AVX2) or 32 (AVX-512);
+  // 16 rows with AVX-512 measured no faster.
   static constexpr int kRows = Bytes == 16 ? 2 : Bytes == 32 ? 4 : 8;
 
   // R rows by one row of lanes: the accumulators stay in registers while the depth is walked, one
@@ -434,16 +456,16 @@ template <typename T, int Bytes>
 FLASHODE_MLP_LEVEL(BaseLevel, , 16)
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-FLASHODE_MLP_LEVEL(Avx2Level, __attribute__((target("arch=x86-64-v3"))), 32)
-FLASHODE_MLP_LEVEL(Avx512Level, __attribute__((target("arch=x86-64-v4"))), 64)
+FLASHODE_MLP_LEVEL(Avx2Level, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 32)
+FLASHODE_MLP_LEVEL(Avx512Level, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 64)
 
 // The widest level the CPU runs (GCC picks the version, as for target_clones).
 __attribute__((target("default"))) int cpu_simd_level() { return 0; }
 __attribute__((target("arch=x86-64-v3"))) int cpu_simd_level() { return 1; }
 __attribute__((target("arch=x86-64-v4"))) int cpu_simd_level() { return 2; }
 
-// FLASHODE_MLP_SIMD=base|avx2 lowers the level (read once per process): tests compare the levels,
-// which must give the same bits.
+// FLASHODE_MLP_SIMD=base|avx2 lowers the level (read once per process): tests compare the levels
+// (AVX2 and AVX-512: the same bits; base: the same to rounding).
 int simd_level() {
   const char* forced = std::getenv("FLASHODE_MLP_SIMD");
   const int cpu = cpu_simd_level();
@@ -1054,6 +1076,7 @@ SolveOutputs mlp_solve_cpu(Tensor y0, Tensor params, std::vector<int64_t> widths
   const MlpSolveCall call = prepare_mlp_solve(y0, params, widths, activation, time_concat, bias, t_eval, t_start,
                                               t_end, rtol, atol, first_step, a, b, b_error, c, poly, order,
                                               controller, max_steps, step_size, record);
+  if (mlp_per_sample_selected()) return mlp_solve_per_sample_cpu(call);  // the CUDA kernels' code, for tests
   return call.y0.scalar_type() == ScalarType::Double ? mlp_solve_impl<double>(call) : mlp_solve_impl<float>(call);
 }
 
@@ -1356,6 +1379,7 @@ std::tuple<Tensor, Tensor> mlp_solve_backward_cpu(Tensor grad_ys, Tensor params,
   const MlpBackwardCall call = prepare_mlp_solve_backward(grad_ys, params, widths, activation, time_concat, bias,
                                                           t_eval, ckpt_y, ckpt_t, ckpt_offsets, out_step, a, b, c,
                                                           poly, step_size);
+  if (mlp_per_sample_selected()) return mlp_solve_backward_per_sample_cpu(call);
   return call.grad_ys.scalar_type() == ScalarType::Double ? mlp_solve_backward_impl<double>(call)
                                                           : mlp_solve_backward_impl<float>(call);
 }

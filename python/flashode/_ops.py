@@ -473,8 +473,8 @@ def reference_path() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- fused MLP solve
-# mlp_solve / mlp_solve_backward (csrc/ops.cpp; python/flashode/fused_mlp.py drives them). They have
-# a CPU kernel only so far: every other device runs the reference.
+# mlp_solve / mlp_solve_backward (csrc/ops.cpp; python/flashode/fused_mlp.py drives them): CPU and
+# CUDA kernels, the reference elsewhere (fused_dispatch only routes solves to a device with a kernel).
 
 MLP_OP_NAMES = ("mlp_solve", "mlp_solve_backward")
 
@@ -488,7 +488,7 @@ def has_kernel(name: str, device_type: str) -> bool:
 
 
 def mlp_path_for(device_type: str) -> str:
-    """Which implementation mlp_solve takes on a device type: 'CPU kernel' or 'reference'."""
+    """Which implementation mlp_solve takes on a device type: 'CPU kernel', 'CUDA kernel' or 'reference'."""
     return f"{device_type.upper()} kernel" if has_kernel("mlp_solve", device_type) else "reference"
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._mlp_cuda import cuda_fit_reason
 from .batch import Solution, Status
 from .errors import SolverError
 from .fused_mlp import MLPSpec, mlp_spec, mlp_spec_reason, solve_mlp
@@ -90,12 +91,15 @@ def _field_reason(spec: MLPSpec | None, func: Any, adjoint_params: Any) -> str |
 
 def _device_reason(spec: MLPSpec, y0: Tensor) -> str | None:
     """Why y0's device cannot run this field fused: no compiled kernel there (the op's reference
-    implementation is for tests, far slower than the generic solver)."""
+    implementation is for tests, far slower than the generic solver), or on CUDA a network too
+    wide for a block's shared memory."""
     weight = spec.linears[0].weight
     if y0.dtype != weight.dtype or y0.device != weight.device:
         return f"y0 ({y0.dtype}, {y0.device}) and the field ({weight.dtype}, {weight.device}) differ in dtype or device"
     if not _ops.has_kernel("mlp_solve", y0.device.type):
         return f"no compiled fused MLP kernel for {y0.device.type} tensors (flashode.show_config() says why)"
+    if y0.device.type == "cuda":  # the parameters must fit in a block's shared memory
+        return cuda_fit_reason(spec.widths, y0.dtype, y0.device, spec.bias)
     return None
 
 
