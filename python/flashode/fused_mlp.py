@@ -2,8 +2,11 @@
 
 With a generic Python ``func`` every solver step pays PyTorch's per-op cost inside the network. When
 the field is a small MLP, the whole batch solve runs inside one op instead (``flashode::mlp_solve``;
-csrc/cpu/mlp_solve_kernels.cpp): the network evaluated on tiles of samples with its weights in cache,
-every sample with its own adaptive steps, and no Python in the step loop, forward and backward.
+csrc/cpu/mlp_solve_kernels.cpp, csrc/cuda/mlp_solve_kernels.cu): the network evaluated on tiles of
+samples with its weights in cache (CPU) or shared memory (CUDA), every sample with its own adaptive
+steps, and no Python in the step loop, forward and backward. odeint, odeint_adjoint, solve_ivp and
+the nn layers call it for the fields below (`flashode.fused_dispatch`); `solve_mlp` is the direct
+entry, which also takes fixed grids with solve_ivp's per-sample spans.
 
 * `MLPField`: an ordinary nn.Module MLP field f(t, y) (plain PyTorch in ``forward``: it works with
   every solver) that the fused solve recognises.
