@@ -805,8 +805,7 @@ class SampleBackward {
 
 // The forward's inputs and outputs for the per-sample code (record and outputs: the op's tensors).
 template <typename T>
-ForwardData<T> forward_data(const MlpSolveCall& call, Tensor& ys, Tensor& status, Tensor& t_final, Tensor& stats,
-                            Tensor& out_step) {
+ForwardData<T> forward_data(const MlpSolveCall& call, const MlpSolveOutputs& out) {
   ForwardData<T> d;
   d.shape = sample_shape(call.mlp, call.method.stages);
   d.method = sample_method(call.method);
@@ -825,11 +824,11 @@ ForwardData<T> forward_data(const MlpSolveCall& call, Tensor& ys, Tensor& status
   d.t_start = call.t_start.template const_data_ptr<double>();
   d.t_end = call.t_end.template const_data_ptr<double>();
   d.first_step = call.first_step.numel() != 0 ? call.first_step.template const_data_ptr<double>() : nullptr;
-  d.ys = ys.template mutable_data_ptr<T>();
-  d.status = status.template mutable_data_ptr<int64_t>();
-  d.t_final = t_final.template mutable_data_ptr<double>();
-  d.stats = stats.template mutable_data_ptr<int64_t>();
-  d.out_step = out_step.template mutable_data_ptr<int64_t>();
+  d.ys = out.ys.template mutable_data_ptr<T>();
+  d.status = out.status.template mutable_data_ptr<int64_t>();
+  d.t_final = out.t_final.template mutable_data_ptr<double>();
+  d.stats = out.stats.template mutable_data_ptr<int64_t>();
+  d.out_step = out.out_step.template mutable_data_ptr<int64_t>();
   return d;
 }
 

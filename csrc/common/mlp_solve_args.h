@@ -258,6 +258,19 @@ struct MlpSolveCall {
   ToleranceLayout rtol_layout, atol_layout;
 };
 
+// The per-sample outputs of mlp_solve, allocated alike by every kernel: ys (B, T, D), status (B,),
+// t_final (B,) float64, stats (B, kStatColumns) and out_step (B, T).
+struct MlpSolveOutputs {
+  Tensor ys, status, t_final, stats, out_step;
+
+  explicit MlpSolveOutputs(const MlpSolveCall& call)
+      : ys(new_contiguous(call.y0, {call.batch, call.outputs, call.dim}, dtype_code(call.y0))),
+        status(new_contiguous(call.y0, {call.batch}, aoti_torch_dtype_int64())),
+        t_final(new_contiguous(call.y0, {call.batch}, aoti_torch_dtype_float64())),
+        stats(new_contiguous(call.y0, {call.batch, kStatColumns}, aoti_torch_dtype_int64())),
+        out_step(new_contiguous(call.y0, {call.batch, call.outputs}, aoti_torch_dtype_int64())) {}
+};
+
 inline void check_times(const Tensor& t_eval, const Tensor& like, int64_t batch, const char* op) {
   STD_TORCH_CHECK(t_eval.scalar_type() == ScalarType::Double && (t_eval.dim() == 1 || t_eval.dim() == 2),
                   "flashode.", op, ": t_eval must be a float64 (T,) or (B, T) tensor");

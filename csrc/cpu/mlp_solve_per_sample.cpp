@@ -46,14 +46,10 @@ void run_forward(const sample::ForwardData<T>& data, const T* params, const int6
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> solve(const MlpSolveCall& call) {
-  const int64_t batch = call.batch, dim = call.dim, outputs = call.outputs;
-  Tensor ys = new_contiguous(call.y0, {batch, outputs, dim}, dtype_code(call.y0));
-  Tensor status = new_contiguous(call.y0, {batch}, aoti_torch_dtype_int64());
-  Tensor t_final = new_contiguous(call.y0, {batch}, aoti_torch_dtype_float64());
-  Tensor stats = new_contiguous(call.y0, {batch, kStatColumns}, aoti_torch_dtype_int64());
-  Tensor out_step = new_contiguous(call.y0, {batch, outputs}, aoti_torch_dtype_int64());
+  const int64_t batch = call.batch, dim = call.dim;
+  const MlpSolveOutputs out(call);
   Tensor offsets = new_contiguous(call.y0, {batch + 1}, aoti_torch_dtype_int64());
-  const sample::ForwardData<T> data = sample::forward_data<T>(call, ys, status, t_final, stats, out_step);
+  const sample::ForwardData<T> data = sample::forward_data<T>(call, out);
   const T* params = call.params.template const_data_ptr<T>();
   int64_t* off = offsets.template mutable_data_ptr<int64_t>();
 
@@ -85,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> solve
     const sample::CheckpointSlot<T> rows_of = exact(s);
     if (rows_of.capacity <= capacity) sample::copy_checkpoints(slot(s), rows_of.capacity, dim, rows_of.y, rows_of.t);
   }
-  return {ys, status, t_final, stats, ckpt_y, ckpt_t, offsets, out_step};
+  return {out.ys, out.status, out.t_final, out.stats, ckpt_y, ckpt_t, offsets, out.out_step};
 }
 
 template <typename T>

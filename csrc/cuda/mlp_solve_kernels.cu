@@ -210,16 +210,12 @@ using SolveOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
 
 template <typename T>
 SolveOutputs mlp_solve_impl(const MlpSolveCall& call) {
-  const int64_t batch = call.batch, dim = call.dim, outputs = call.outputs;
+  const int64_t batch = call.batch, dim = call.dim;
   const int device = call.y0.get_device_index();
   cudaStream_t stream = current_stream(call.y0);
-  Tensor ys = new_contiguous(call.y0, {batch, outputs, dim}, dtype_code(call.y0));
-  Tensor status = new_contiguous(call.y0, {batch}, aoti_torch_dtype_int64());
-  Tensor t_final = new_contiguous(call.y0, {batch}, aoti_torch_dtype_float64());
-  Tensor stats = new_contiguous(call.y0, {batch, kStatColumns}, aoti_torch_dtype_int64());
-  Tensor out_step = new_contiguous(call.y0, {batch, outputs}, aoti_torch_dtype_int64());
+  const MlpSolveOutputs out(call);
   ForwardArgs<T> a{};
-  a.data = sample::forward_data<T>(call, ys, status, t_final, stats, out_step);
+  a.data = sample::forward_data<T>(call, out);
   a.params = call.params.template const_data_ptr<T>();
   a.count = batch;
   a.capacity = call.record ? sample::slot_capacity(batch, dim, call.ctrl.max_steps, sizeof(T)) : 0;
@@ -232,7 +228,7 @@ SolveOutputs mlp_solve_impl(const MlpSolveCall& call) {
   std::vector<int64_t> offsets(static_cast<size_t>(batch + 1), 0), overflowed;
   if (call.record && batch > 0) {  // the one device->host read of a recorded solve
     std::vector<int64_t> host_stats(static_cast<size_t>(batch * kStatColumns));
-    FLASHODE_CUDA_CHECK(cudaMemcpyAsync(host_stats.data(), stats.const_data_ptr<int64_t>(),
+    FLASHODE_CUDA_CHECK(cudaMemcpyAsync(host_stats.data(), out.stats.const_data_ptr<int64_t>(),
                                         host_stats.size() * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
     FLASHODE_CUDA_CHECK(cudaStreamSynchronize(stream));
     sample::checkpoint_offsets(host_stats.data(), batch, a.capacity, offsets.data(), &overflowed);
@@ -242,7 +238,7 @@ SolveOutputs mlp_solve_impl(const MlpSolveCall& call) {
   Tensor ckpt_offsets = call.record ? device_copy(call.y0, offsets, stream) : zero_offsets(call.y0, batch, stream);
   Tensor ckpt_y = new_contiguous(call.y0, {rows, 2, dim}, dtype_code(call.y0));
   Tensor ckpt_t = new_contiguous(call.y0, {rows, 3}, aoti_torch_dtype_float64());
-  if (rows == 0) return {ys, status, t_final, stats, ckpt_y, ckpt_t, ckpt_offsets, out_step};
+  if (rows == 0) return {out.ys, out.status, out.t_final, out.stats, ckpt_y, ckpt_t, ckpt_offsets, out.out_step};
 
   a.offsets = ckpt_offsets.const_data_ptr<int64_t>();
   a.ckpt_y = ckpt_y.mutable_data_ptr<T>();
@@ -259,7 +255,7 @@ SolveOutputs mlp_solve_impl(const MlpSolveCall& call) {
   compact_checkpoints_kernel<T><<<copy_blocks, kCopyThreads, 0, stream>>>(
       a.slot_y, a.slot_t, a.capacity, a.offsets, batch, dim, a.ckpt_y, a.ckpt_t);
   FLASHODE_CUDA_CHECK(cudaGetLastError());
-  return {ys, status, t_final, stats, ckpt_y, ckpt_t, ckpt_offsets, out_step};
+  return {out.ys, out.status, out.t_final, out.stats, ckpt_y, ckpt_t, ckpt_offsets, out.out_step};
 }
 
 SolveOutputs mlp_solve_cuda(Tensor y0, Tensor params, std::vector<int64_t> widths, int64_t activation,
