@@ -17,7 +17,8 @@ generic flashode solve at rtol 1e-10.
 `--device cuda` runs the torch libraries on the GPU (one process each, synchronised timings), for
 B up to 1e6 with `--batch`.
 
-Usage:  python benchmarks/fused_mlp.py [--batch 16 256 4096] [--repeats 11] [--libraries ...] [--device cpu]
+Usage:  python benchmarks/fused_mlp.py [--batch 16 256 4096] [--repeats 11] [--rounds 1] [--libraries ...]
+        [--device cpu]
 """
 
 from __future__ import annotations
@@ -222,12 +223,27 @@ def launch(library: str, batch: int, repeats: int, device: str) -> dict[str, Any
     return (run.stderr.strip().splitlines() or ["no output"])[-1][:100]
 
 
+def combine_rounds(results: list[dict[str, Any] | str]) -> dict[str, Any] | str:
+    """The median over rounds of each timing (a failure in any round is reported instead)."""
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        return failed[0]
+    done = [r for r in results if isinstance(r, dict)]
+    combined = dict(done[0])
+    for key in ("forward_ms", "grad_ms"):
+        combined[key] = statistics.median(r[key] for r in done)
+    return combined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 4096])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="launch every library this many times in turn and report the median of their medians "
+                             "(a shared machine's load drifts between processes)")
     parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -236,13 +252,17 @@ def main() -> None:
     libraries = [name for name in args.libraries if not (args.device == "cuda" and name == "diffrax")]
     where = "one core" if args.device == "cpu" else "CUDA (diffrax skipped: JAX runs on the CPU here)"
     print(f"MLP 2-{HIDDEN}-{HIDDEN}-2 tanh, dopri5 rtol {RTOL:g} atol {ATOL:g}, {N_TIMES} output times on [0, 1], "
-          f"float32, {where}, median of {args.repeats}\n")
+          f"float32, {where}, median of {args.repeats} repeats, median over {args.rounds} round(s)\n")
     print("| B | library | forward ms | fwd vs fused | fwd+bwd ms | fwd+bwd vs fused | max err | JAX compile s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         base: dict[str, Any] | None = None
+        rounds: dict[str, list[dict[str, Any] | str]] = {library: [] for library in libraries}
+        for _ in range(args.rounds):
+            for library in libraries:
+                rounds[library].append(launch(library, batch, args.repeats, args.device))
         for library in libraries:
-            result = launch(library, batch, args.repeats, args.device)
+            result = combine_rounds(rounds[library])
             if isinstance(result, str):
                 print(f"| {batch} | {library} | failed: {result} | | | | | |")
                 continue
