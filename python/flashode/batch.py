@@ -512,11 +512,11 @@ def solve_ivp(
         raise ValueError(f'Invalid method "{method}" for solve_ivp. Must be one of {sorted(ADAPTIVE)}')
     if fused is not False:
         from .fused_dispatch import solve_ivp_fused_spec
-        from .fused_mlp import solve_mlp
+        from .fused_mlp import _solve_mlp
 
         spec = solve_ivp_fused_spec(func, y0, cuda_graph, adjoint_params)
         if not isinstance(spec, str):
-            return solve_mlp(
+            return _solve_mlp(
                 spec, y0, t_eval, method=method, rtol=rtol, atol=atol, t_start=t_start, t_end=t_end,
                 first_step=first_step, max_steps=max_steps, controller=controller, pcoeff=pcoeff, icoeff=icoeff,
                 dcoeff=dcoeff, safety=safety, ifactor=ifactor, dfactor=dfactor, dt_min=dt_min, dt_max=dt_max,

@@ -35,7 +35,7 @@ from . import _ops
 from ._mlp_cuda import cuda_fit_reason
 from .batch import Solution, Status
 from .errors import SolverError
-from .fused_mlp import MLPSpec, mlp_spec, mlp_spec_reason, solve_mlp
+from .fused_mlp import MLPSpec, _solve_mlp, mlp_spec, mlp_spec_reason
 from .tableaus import ADAPTIVE, FIXED
 
 __all__ = ["FusedSolve", "fused_reason", "solve_ivp_fused_spec", "try_odeint_fused"]
@@ -217,7 +217,7 @@ def _solve(spec: MLPSpec, y0: Tensor, t: Tensor, rtol: Any, atol: Any, method: s
         )
     else:
         kwargs.update(step_size=abs(float(options["step_size"])), max_steps=_MAX_STEPS)
-    solution = solve_mlp(spec, rows, t.detach(), **kwargs)
+    solution = _solve_mlp(spec, rows, t.detach(), **kwargs)
     _raise_for_failure(solution, rows, caller)
     ys = solution.ys.transpose(0, 1).reshape(len(t), *y0.shape).to(y0.dtype)
     return FusedSolve(ys, solution)

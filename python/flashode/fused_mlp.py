@@ -312,7 +312,7 @@ def _fast_problem(y0: Tensor, t_eval: Any, t_start: Any, t_end: Any, rtol: Any, 
     tol = dict(dtype=y0.dtype, device=y0.device)
     return _Problem(
         torch.tensor(times, **f64), torch.full((batch,), times[0], **f64), torch.full((batch,), times[-1], **f64),
-        torch.tensor(rtol, **tol), torch.tensor(atol, **tol),
+        torch.full((), rtol, **tol), torch.full((), atol, **tol),
     )
 
 
@@ -337,8 +337,7 @@ def _packed_params(spec: MLPSpec, params: list[Tensor], record: bool) -> Tensor:
     return packed
 
 
-@torch.compiler.disable  # input checks read the device, as in solve_ivp
-def solve_mlp(
+def _solve_mlp(
     field: MLPSpec | nn.Module,
     y0: Tensor,
     t_eval: Any,
@@ -428,3 +427,7 @@ def solve_mlp(
 
 
 _STAT_NAMES = ("n_f_evals", "n_steps", "n_accepted", "n_rejected")
+
+# Input checks read the device, as in solve_ivp: under torch.compile the solve runs eagerly. Callers
+# that are themselves compiler-disabled (solve_ivp, odeint's dispatch) call _solve_mlp directly.
+solve_mlp = torch.compiler.disable(_solve_mlp)
