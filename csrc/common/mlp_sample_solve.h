@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/mlp_activation_constants.h"
 #include "common/mlp_solve_args.h"
 
 #if defined(__CUDACC__)
@@ -42,45 +43,8 @@ struct Column {
 
 // ------------------------------------------------------------------------------------------------
 // Scalar math of the lane kernel's activations (cpu/mlp_solve_kernels.cpp: SimdMath), operation
-// for operation: exp by Cody & Waite's reduction and a Taylor polynomial, for arguments <= 0 only.
-
-template <typename T>
-struct ExpConstants;
-
-template <>
-struct ExpConstants<float> {
-  using Bits = uint32_t;
-  static constexpr float kLog2e = 1.44269504088896341f;
-  static constexpr float kLn2Hi = 0.693145751953125f;
-  static constexpr float kLn2Lo = 1.428606820309417e-06f;
-  static constexpr float kShifter = 12582912.0f;
-  static constexpr float kLowest = -87.0f;
-  static constexpr int kMantissa = 23;
-  static constexpr Bits kBias = 127;
-  static constexpr int kExpTerms = 7;
-  static constexpr int kAtanhTerms = 8;
-};
-
-template <>
-struct ExpConstants<double> {
-  using Bits = uint64_t;
-  static constexpr double kLog2e = 1.4426950408889634;
-  static constexpr double kLn2Hi = 6.93147180369123816490e-01;
-  static constexpr double kLn2Lo = 1.90821492927058770002e-10;
-  static constexpr double kShifter = 6755399441055744.0;
-  static constexpr double kLowest = -700.0;
-  static constexpr int kMantissa = 52;
-  static constexpr Bits kBias = 1023;
-  static constexpr int kExpTerms = 13;
-  static constexpr int kAtanhTerms = 17;
-};
-
-// 1 / n!, correctly rounded (n! is exact in float64 for n <= 18); folded once the loops unroll.
-FLASHODE_HOST_DEVICE constexpr double inv_factorial(int n) {
-  double f = 1.0;
-  for (int i = 2; i <= n; ++i) f *= i;
-  return 1.0 / f;
-}
+// for operation: exp by Cody & Waite's reduction and a Taylor polynomial, for arguments <= 0 only,
+// on the constants both take from common/mlp_activation_constants.h.
 
 template <typename T>
 struct ScalarMath {
@@ -131,12 +95,13 @@ struct ScalarMath {
     return z < 0 ? e * r : r;
   }
 
-  // float32 tanh as the lane kernel computes it: x P(x^2) / Q(x^2) on x = z clamped to [-9, 9].
+  // float32 tanh as the lane kernel computes it: x P(x^2) / Q(x^2) on x = z clamped (TanhRational).
   FLASHODE_HOST_DEVICE static T tanh_rational(T z) {
-    const T x = z > 9.0f ? T(9.0f) : z < -9.0f ? T(-9.0f) : z;
+    using R = TanhRational;
+    const T x = z > R::kClamp ? T(R::kClamp) : z < -R::kClamp ? T(-R::kClamp) : z;
     const T s = x * x;
-    const T p = (((1.341989453e-08f * s + 2.066132220e-05f) * s + 3.498999868e-03f) * s + 1.338398308e-01f) * s + 1;
-    const T q = (((7.804761140e-07f * s + 3.291044268e-04f) * s + 2.589021996e-02f) * s + 4.671730399e-01f) * s + 1;
+    const T p = (((R::kP4 * s + R::kP3) * s + R::kP2) * s + R::kP1) * s + 1;
+    const T q = (((R::kQ4 * s + R::kQ3) * s + R::kQ2) * s + R::kQ1) * s + 1;
     return x * p / q;
   }
 

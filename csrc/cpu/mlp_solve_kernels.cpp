@@ -28,6 +28,7 @@
 #include <torch/csrc/stable/tensor.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -39,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mlp_activation_constants.h"
 #include "common/mlp_solve_args.h"
 #include "cpu/cpu_common.h"
 #include "cpu/mlp_solve_per_sample.h"
@@ -89,46 +91,19 @@ struct Simd {
 // Activations from +, *, / and bit operations: exp by Cody & Waite's reduction and a Taylor
 // polynomial. Only arguments <= 0 are needed: every activation is written with exp(-|z|).
 
-constexpr double kInvFactorial[] = {1.0,         1.0,          1.0 / 2,          1.0 / 6,
-                                    1.0 / 24,    1.0 / 120,    1.0 / 720,        1.0 / 5040,
-                                    1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,    1.0 / 39916800,
-                                    1.0 / 479001600, 1.0 / 6227020800.0};
-
-template <typename T>
-struct ExpTraits;
-
-template <>
-struct ExpTraits<float> {
-  static constexpr float kLog2e = 1.44269504088896341f;
-  static constexpr float kLn2Hi = 0.693145751953125f;  // trailing zeros: n * kLn2Hi is exact
-  static constexpr float kLn2Lo = 1.428606820309417e-06f;
-  static constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  static constexpr float kLowest = -87.0f;        // exp(kLowest) is still a normal number
-  static constexpr int kMantissa = 23;
-  static constexpr uint32_t kBias = 127;
-  static constexpr int kExpTerms = 7;    // expm1(r) = sum_1^7 r^i / i! on |r| <= ln2 / 2: 2^-26 relative
-  static constexpr int kAtanhTerms = 8;  // log1p series in s^2 <= 1/9: 1e-8 relative
-};
-
-template <>
-struct ExpTraits<double> {
-  static constexpr double kLog2e = 1.4426950408889634;
-  static constexpr double kLn2Hi = 6.93147180369123816490e-01;
-  static constexpr double kLn2Lo = 1.90821492927058770002e-10;
-  static constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52
-  static constexpr double kLowest = -700.0;
-  static constexpr int kMantissa = 52;
-  static constexpr uint64_t kBias = 1023;
-  static constexpr int kExpTerms = 13;    // 1e-17 relative
-  static constexpr int kAtanhTerms = 17;  // 2e-17 relative
-};
+// 1 / i! for the exp polynomial's Horner steps, as a table: a constant load per step.
+template <size_t... I>
+constexpr std::array<double, sizeof...(I)> inv_factorials(std::index_sequence<I...>) {
+  return {inv_factorial(static_cast<int>(I))...};
+}
+constexpr auto kInvFactorial = inv_factorials(std::make_index_sequence<ExpConstants<double>::kExpTerms + 1>{});
 
 template <typename T, int Bytes>
 struct SimdMath : Simd<T, Bytes> {
   using S = Simd<T, Bytes>;
   using V = typename S::V;
   using UBits = typename S::UBits;
-  using E = ExpTraits<T>;
+  using E = ExpConstants<T>;
 
   // exp(x) = scale * (1 + p) for x <= 0 (clamped at kLowest; a NaN passes through into p).
   [[gnu::always_inline]] static void exp_parts(V x, V& scale, V& p) {
@@ -169,16 +144,16 @@ struct SimdMath : Simd<T, Bytes> {
     return z < 0 ? e * r : r;
   }
 
-  // float32 tanh(z) = x P(x^2) / Q(x^2), x = z clamped to [-9, 9] (beyond, tanh(z) rounds to +-1), P and Q
-  // of degree 4 with P(0) = Q(0) = 1 (so tanh(z) = z to rounding near 0): a rational fitted for the
-  // least maximum relative error on [0, 9], 2e-8 (0.4 ulp) in exact arithmetic; evaluated in float32
-  // at most 4.5 ulp from tanh (near +-1, where P and Q are large), about 1 ulp typically. Half the
-  // operations of expm1 and a division, and tanh is most of a tile's elementwise work. A NaN passes.
+  // float32 tanh(z) = x P(x^2) / Q(x^2) (TanhRational; P(0) = Q(0) = 1, so tanh(z) = z to rounding
+  // near 0): 2e-8 (0.4 ulp) from tanh in exact arithmetic; evaluated in float32 at most 4.5 ulp from
+  // tanh (near +-1, where P and Q are large), about 1 ulp typically. Half the operations of expm1 and
+  // a division, and tanh is most of a tile's elementwise work. A NaN passes.
   [[gnu::always_inline]] static V tanh_rational(V z) {
-    const V x = z > 9.0f ? S::splat(9.0f) : z < -9.0f ? S::splat(-9.0f) : z;
+    using R = TanhRational;
+    const V x = z > R::kClamp ? S::splat(R::kClamp) : z < -R::kClamp ? S::splat(-R::kClamp) : z;
     const V s = x * x;
-    const V p = (((1.341989453e-08f * s + 2.066132220e-05f) * s + 3.498999868e-03f) * s + 1.338398308e-01f) * s + 1;
-    const V q = (((7.804761140e-07f * s + 3.291044268e-04f) * s + 2.589021996e-02f) * s + 4.671730399e-01f) * s + 1;
+    const V p = (((R::kP4 * s + R::kP3) * s + R::kP2) * s + R::kP1) * s + 1;
+    const V q = (((R::kQ4 * s + R::kQ3) * s + R::kQ2) * s + R::kQ1) * s + 1;
     return x * p / q;
   }
 
@@ -410,6 +385,147 @@ struct SimdTranspose : Simd<T, Bytes> {
   }
 };
 
+// ------------------------------------------------------------------------------------------------
+// The forward's per-evaluation step arithmetic across a tile's lanes (rows of lanes, like the
+// network's activations): each lane's stage input, the stages stored, the step's end. Every lane
+// takes exactly the operations, in the order, of the per-sample code (common/mlp_sample_solve.h):
+// the terms of a coefficient row summed onto +0 in increasing stage order, a lane's terms past its
+// row or zero in the method skipped by a select (never multiplied by 0, which would turn a stale
+// non-finite stage into NaN). These passes are never contracted (their level functions are built
+// without fp-contract=fast): the steps must stay solve_ivp's.
+
+// A per-lane index (a coefficient row, a stage) in the integer type of T's width, so that comparing
+// a vector of them gives a select mask for T's vectors.
+template <typename T>
+using LaneIndex = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+
+// x (its first D rows) = y + sum_j w[r][j] k_j, lane by lane, r = the lane's coefficient row.
+// weights (rows x stages x lanes) holds each lane's (T)(a[r][j] h) of every row r it may take;
+// uses[r * stages + j] whether row r has a term j. A row whose sum starts from -0 instead of +0
+// (signed_zero[r]) gives exactly its first term (or y itself when it has none).
+template <typename T>
+struct StageInputArgs {
+  const LaneIndex<T>* row;
+  const T* weights;
+  const uint8_t* uses;
+  const uint8_t* signed_zero;
+  int rows, stages;
+  int64_t dim;
+  const T *y, *k;
+  T* x;
+};
+
+// The end of every lane's step (only those at their last stage use it): y1 = y + sum_t b_t h k_t,
+// err = sum_t e_t h k_t (terms: the method's nonzero b and b_error, weights (T)(coef_t h) per lane)
+// and the error ratio, the RMS over the state of err / (atol + rtol max(|y|, |y1|)) in float64 (NaN
+// when y1 is not finite).
+template <typename T>
+struct StepEndArgs {
+  const CoefficientRow *b, *e;
+  const T *b_weights, *e_weights;  // term x lanes
+  const T *atol, *rtol;            // D x lanes
+  int64_t dim;
+  const T *y, *k;
+  T *y1, *scaled;  // D x lanes
+  double *sumsq, *nonfinite, *ratio;  // lanes
+  bool adaptive;
+};
+
+template <typename T, int Bytes>
+struct SimdControl : Simd<T, Bytes> {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  using UBits = typename S::UBits;
+  static constexpr int N = kLanes<T>;
+  static constexpr int W = S::kWidth;
+  typedef LaneIndex<T> UIndex __attribute__((vector_size(Bytes), aligned(sizeof(T)), may_alias));
+
+  [[gnu::always_inline]] static UBits load_index(const LaneIndex<T>* p) {
+    return *reinterpret_cast<const UIndex*>(p);
+  }
+
+  [[gnu::always_inline]] static void stage_inputs(const StageInputArgs<T>& g) {
+    for (int o = 0; o < N; o += W) {
+      const UBits row = load_index(g.row + o);
+      V init = V{};
+      for (int r = 0; r < g.rows; ++r)
+        if (g.signed_zero[r]) init = row == static_cast<LaneIndex<T>>(r) ? S::splat(T(-0.0)) : init;
+      for (int64_t d = 0; d < g.dim; ++d) S::store(g.x + d * N + o, init);
+      for (int j = 0; j < g.stages; ++j) {
+        V w = V{};
+        auto take = row != row;  // false
+        bool any = false;
+        for (int r = 0; r < g.rows; ++r) {
+          if (!g.uses[r * g.stages + j]) continue;
+          const auto mine = row == static_cast<LaneIndex<T>>(r);
+          w = mine ? S::load(g.weights + (r * g.stages + j) * N + o) : w;
+          take = take | mine;
+          any = true;
+        }
+        if (!any) continue;
+        for (int64_t d = 0; d < g.dim; ++d) {
+          const V acc = S::load(g.x + d * N + o);
+          S::store(g.x + d * N + o, take ? acc + w * S::load(g.k + (j * g.dim + d) * N + o) : acc);
+        }
+      }
+      for (int64_t d = 0; d < g.dim; ++d) {
+        T* x = g.x + d * N + o;
+        S::store(x, S::load(g.y + d * N + o) + S::load(x));
+      }
+    }
+  }
+
+  // k[stage[lane]] <- f for every lane (a lane whose stage is >= stages stores nothing).
+  [[gnu::always_inline]] static void store_stage(const T* f, const LaneIndex<T>* stage, int64_t dim, int stages,
+                                                 T* k) {
+    for (int o = 0; o < N; o += W) {
+      const UBits at = load_index(stage + o);
+      for (int j = 0; j < stages; ++j) {
+        const auto mine = at == static_cast<LaneIndex<T>>(j);
+        for (int64_t d = 0; d < dim; ++d) {
+          T* kj = k + (j * dim + d) * N + o;
+          S::store(kj, mine ? S::load(f + d * N + o) : S::load(kj));
+        }
+      }
+    }
+  }
+
+  // sum over the row's terms of weight_t k[index_t] (row d of the stages), onto +0.
+  [[gnu::always_inline]] static V terms(const CoefficientRow& row, const T* weights, const T* k, int64_t dim,
+                                        int64_t d, int o) {
+    V acc = V{};
+    for (int t = 0; t < row.count; ++t)
+      acc += S::load(weights + t * N + o) * S::load(k + (row.index[t] * dim + d) * N + o);
+    return acc;
+  }
+
+  [[gnu::always_inline]] static void step_ends(const StepEndArgs<T>& g) {
+    for (int64_t d = 0; d < g.dim; ++d)
+      for (int o = 0; o < N; o += W) {
+        const V y = S::load(g.y + d * N + o);
+        const V y1 = y + terms(*g.b, g.b_weights, g.k, g.dim, d, o);
+        S::store(g.y1 + d * N + o, y1);
+        if (!g.adaptive) continue;
+        const V err = terms(*g.e, g.e_weights, g.k, g.dim, d, o);
+        const V ay = SimdMath<T, Bytes>::abs(y), ay1 = SimdMath<T, Bytes>::abs(y1);
+        const V scale = S::load(g.atol + d * N + o) + S::load(g.rtol + d * N + o) * (ay < ay1 ? ay1 : ay);
+        S::store(g.scaled + d * N + o, err / scale);
+      }
+    if (!g.adaptive) return;
+    // The float64 sums, lane by lane over the state in order (plain loops: vectorised as they are).
+    for (int l = 0; l < N; ++l) g.sumsq[l] = g.nonfinite[l] = 0.0;
+    for (int64_t d = 0; d < g.dim; ++d)
+      for (int l = 0; l < N; ++l) {
+        const double q = g.scaled[d * N + l];
+        g.sumsq[l] += q * q;
+        g.nonfinite[l] += static_cast<double>(g.y1[d * N + l] - g.y1[d * N + l]);
+      }
+    for (int l = 0; l < N; ++l)
+      g.ratio[l] = g.nonfinite[l] != g.nonfinite[l] ? std::numeric_limits<double>::quiet_NaN()
+                                                    : std::sqrt(g.sumsq[l] / static_cast<double>(g.dim));
+  }
+};
+
 // The passes of one instruction-set level, compiled for its target.
 template <typename T>
 struct TilePasses {
@@ -418,6 +534,9 @@ struct TilePasses {
   void (*transpose)(const T*, int64_t, T*);
   void (*add)(T*, const T*, int64_t);       // a += b
   void (*multiply)(T*, const T*, int64_t);  // a *= b
+  void (*stage_inputs)(const StageInputArgs<T>&);
+  void (*store_stage)(const T*, const LaneIndex<T>*, int64_t, int, T*);
+  void (*step_ends)(const StepEndArgs<T>&);
 };
 
 template <typename T, int Bytes>
@@ -432,7 +551,8 @@ template <typename T, int Bytes>
   for (int64_t i = 0; i < n; i += S::kWidth) S::store(a + i, S::load(a + i) * S::load(b + i));
 }
 
-#define FLASHODE_MLP_LEVEL(NAME, TARGET, BYTES)                                                               \
+// TARGET: the network's passes (contracted on the FMA levels); EXACT: the step arithmetic's (never).
+#define FLASHODE_MLP_LEVEL(NAME, TARGET, EXACT, BYTES)                                                        \
   template <typename T>                                                                                      \
   struct NAME {                                                                                              \
     TARGET static void gemm_zero(const GemmArgs<T>& g) { SimdGemm<T, BYTES>::template run<Start::kZero>(g); } \
@@ -448,16 +568,24 @@ template <typename T, int Bytes>
     }                                                                                                        \
     TARGET static void add(T* a, const T* b, int64_t n) { add_lanes<T, BYTES>(a, b, n); }                    \
     TARGET static void multiply(T* a, const T* b, int64_t n) { multiply_lanes<T, BYTES>(a, b, n); }          \
+    EXACT static void stage_inputs(const StageInputArgs<T>& g) { SimdControl<T, BYTES>::stage_inputs(g); }     \
+    EXACT static void store_stage(const T* f, const LaneIndex<T>* stage, int64_t dim, int stages, T* k) {    \
+      SimdControl<T, BYTES>::store_stage(f, stage, dim, stages, k);                                          \
+    }                                                                                                        \
+    EXACT static void step_ends(const StepEndArgs<T>& g) { SimdControl<T, BYTES>::step_ends(g); }            \
     static TilePasses<T> passes() {                                                                          \
-      return {{&gemm_zero, &gemm_bias, &gemm_accumulate}, &activate, &transpose, &add, &multiply};           \
+      return {{&gemm_zero, &gemm_bias, &gemm_accumulate}, &activate, &transpose, &add, &multiply,             \
+              &stage_inputs, &store_stage, &step_ends};                                                      \
     }                                                                                                        \
   };
 
-FLASHODE_MLP_LEVEL(BaseLevel, , 16)
+FLASHODE_MLP_LEVEL(BaseLevel, , , 16)
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-FLASHODE_MLP_LEVEL(Avx2Level, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 32)
-FLASHODE_MLP_LEVEL(Avx512Level, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 64)
+FLASHODE_MLP_LEVEL(Avx2Level, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))),
+                   __attribute__((target("arch=x86-64-v3"))), 32)
+FLASHODE_MLP_LEVEL(Avx512Level, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))),
+                   __attribute__((target("arch=x86-64-v4"))), 64)
 
 // The widest level the CPU runs (GCC picks the version, as for target_clones).
 __attribute__((target("default"))) int cpu_simd_level() { return 0; }
@@ -664,13 +792,6 @@ inline const double* times_of(const double* t_eval, bool shared, int64_t sample,
   return shared ? t_eval : t_eval + sample * outputs;
 }
 
-// The dense-output weights h * B_j(theta) of every stage, as batch_step computes them (zeros dropped).
-inline CoefficientRow dense_terms(const SolveMethod& method, double theta, double h) {
-  double w[kMaxStages];
-  for (int s = 0; s < method.stages; ++s) w[s] = dense_weight(method.poly, method.degree, s, theta, h);
-  return nonzero_terms(w, method.stages);
-}
-
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
@@ -703,33 +824,55 @@ class ForwardTile {
  public:
   ForwardTile(ForwardJob<T>& job, CheckpointLog<T>& log)
       : job_(job), call_(job.call), method_(job.call.method), log_(log), dim_(job.call.dim),
-        stages_(job.call.method.stages) {
+        stages_(job.call.method.stages), probe_row_(stages_), copy_row_(stages_ + 1), rows_(stages_ + 2) {
     const MlpLayout& m = call_.mlp;
     x_.assign(m.in(0) * N, T(0));
     out_.assign(dim_ * N, T(0));
     scratch_.assign(2 * m.max_width * N, T(0));
-    y_.assign(N * dim_, T(0));
-    k_.assign(N * stages_ * dim_, T(0));
-    tmp_.assign(2 * dim_, T(0));
+    y_.assign(dim_ * N, T(0));
+    k_.assign(stages_ * dim_ * N, T(0));
+    y1_.assign(dim_ * N, T(0));
+    scaled_.assign(dim_ * N, T(0));
+    atol_.assign(dim_ * N, T(0));
+    rtol_.assign(dim_ * N, T(0));
+    stage_weights_.assign(rows_ * stages_ * N, T(0));
+    b_weights_.assign(method_.b_row.count * N, T(0));
+    e_weights_.assign(method_.b_error_row.count * N, T(0));
+    describe_rows();
+    poly_by_power_.resize(method_.degree * stages_);
+    for (int i = 0; i < stages_; ++i)
+      for (int p = 0; p < method_.degree; ++p) poly_by_power_[p * stages_ + i] = method_.poly[i * method_.degree + p];
     y0_ = call_.y0.template const_data_ptr<T>();
-    rtol_ = call_.rtol.template const_data_ptr<T>();
-    atol_ = call_.atol.template const_data_ptr<T>();
+    rtol_in_ = call_.rtol.template const_data_ptr<T>();
+    atol_in_ = call_.atol.template const_data_ptr<T>();
     t_eval_ = call_.t_eval.template const_data_ptr<double>();
     t_start_ = call_.t_start.template const_data_ptr<double>();
     t_end_ = call_.t_end.template const_data_ptr<double>();
     first_step_ = call_.first_step.numel() ? call_.first_step.template const_data_ptr<double>() : nullptr;
   }
 
+  // Per evaluation: the lanes' inputs, the network, the stages stored and the steps' ends across the
+  // lanes; then each lane's own (cheap) decisions.
   void run() {
+    const TilePasses<T>& passes = tile_passes<T>();
     while (refill()) {
-      for (int l = 0; l < N; ++l) build_input(l);
+      bool ending = false;
+      for (int l = 0; l < N; ++l) ending = prepare(l) || ending;
+      passes.stage_inputs(StageInputArgs<T>{row_, stage_weights_.data(), uses_.data(), signed_zero_.data(), rows_,
+                                            stages_, dim_, y_.data(), k_.data(), x_.data()});
       mlp_eval(job_.net, x_.data(), out_.data(), scratch_.data(), static_cast<const EvalRecord<T>*>(nullptr));
+      passes.store_stage(out_.data(), store_at_, dim_, stages_, k_.data());
+      if (ending)
+        passes.step_ends(StepEndArgs<T>{&method_.b_row, &method_.b_error_row, b_weights_.data(), e_weights_.data(),
+                                        atol_.data(), rtol_.data(), dim_, y_.data(), k_.data(), y1_.data(),
+                                        scaled_.data(), sumsq_, nonfinite_, ratio_, !method_.fixed});
       for (int l = 0; l < N; ++l) consume(l);
     }
   }
 
  private:
   static constexpr int N = kLanes<T>;
+  static constexpr int kDenseGroup = 4;  // dense outputs evaluated side by side
 
   struct Lane {
     int64_t sample = -1;
@@ -741,11 +884,27 @@ class ForwardTile {
     int64_t next_out = 0;
     int64_t grid_steps = 0, grid_index = 0;  // fixed grid
     T h0 = 0, d1 = 0;                        // the initial step heuristic between its evaluations
+    T probe_h = 0;                           // its signed probe step h0
     bool finite = true;
   };
 
-  T* y_of(int l) { return y_.data() + l * dim_; }
-  T* k_of(int l) { return k_.data() + l * stages_ * dim_; }
+  // Rows of lanes: value d of lane l at [d * N + l]; stage j's rows follow one another.
+  T& y_at(int l, int64_t d) { return y_[d * N + l]; }
+  T& k_at(int l, int j, int64_t d) { return k_[(j * dim_ + d) * N + l]; }
+  T& stage_weight(int row, int j, int l) { return stage_weights_[(row * stages_ + j) * N + l]; }
+
+  // The coefficient rows a lane's input may take: stage i's (y + sum_j (T)(a_ij h) k_j, summed onto
+  // +0 as combine sums), the initial step's probe (y0 + h0 f0: exactly its one term, so onto -0)
+  // and a copy of y (the first evaluation, an idle lane).
+  void describe_rows() {
+    uses_.assign(rows_ * stages_, 0);
+    signed_zero_.assign(rows_, 0);
+    for (int i = 0; i < stages_; ++i)
+      for (int t = 0; t < method_.a_rows[i].count; ++t) uses_[i * stages_ + method_.a_rows[i].index[t]] = 1;
+    uses_[probe_row_ * stages_] = 1;
+    signed_zero_[probe_row_] = signed_zero_[copy_row_] = 1;
+  }
+
   T tol(const T* values, ToleranceLayout layout, int64_t sample, int64_t d) const {
     return values[tolerance_index(layout, sample * dim_ + d, d)];
   }
@@ -787,8 +946,11 @@ class ForwardTile {
     }
     // A sample with a non-finite start is carried as zeros (the network never sees its NaN).
     for (int64_t d = 0; d < dim_; ++d) lane.finite = lane.finite && std::isfinite(y0[d]);
-    T* y = y_of(l);
-    for (int64_t d = 0; d < dim_; ++d) y[d] = lane.finite ? y0[d] : T(0);
+    for (int64_t d = 0; d < dim_; ++d) {
+      y_at(l, d) = lane.finite ? y0[d] : T(0);
+      atol_[d * N + l] = tol(atol_in_, call_.atol_layout, s, d);
+      rtol_[d * N + l] = tol(rtol_in_, call_.rtol_layout, s, d);
+    }
     if (!method_.fixed) {
       lane.phase = kFirstEval;
       return;
@@ -798,47 +960,54 @@ class ForwardTile {
     lane.status = done ? kSuccess : (lane.finite ? kRunning : kNonFinite);
     if (lane.status != kRunning) return finish(l);
     lane.h = grid_time(lane, 1) - lane.t;
-    lane.phase = 0;
+    start_attempt(l, 0);
   }
 
   double grid_time(const Lane& lane, int64_t n) const {
     return fixed_grid_time(n, lane.grid_steps, lane.t_start, lane.t_end, lane.dir, method_.step_size);
   }
 
-  // Writes lane l's network input (the state's rows, then the time) into column l of x_.
-  void build_input(int l) {
+  // A step attempt of size lane.h begins at stage `phase`: its weights (T)(coef h), once per attempt.
+  void start_attempt(int l, int phase) {
     Lane& lane = lanes_[l];
-    T* in = tmp_.data();
+    lane.phase = phase;
+    for (int i = 0; i < stages_; ++i) {
+      const CoefficientRow& row = method_.a_rows[i];
+      for (int t = 0; t < row.count; ++t) stage_weight(i, row.index[t], l) = static_cast<T>(row.coef[t] * lane.h);
+    }
+    for (int t = 0; t < method_.b_row.count; ++t)
+      b_weights_[t * N + l] = static_cast<T>(method_.b_row.coef[t] * lane.h);
+    for (int t = 0; t < method_.b_error_row.count; ++t)
+      e_weights_[t * N + l] = static_cast<T>(method_.b_error_row.coef[t] * lane.h);
+  }
+
+  // Lane l's row for the stage inputs, its time in x_ and where its result goes; whether its step
+  // ends with this evaluation.
+  bool prepare(int l) {
+    const Lane& lane = lanes_[l];
     T time = 0;
-    const T* y = y_of(l);
-    const T* k = k_of(l);
     if (lane.phase == kIdle) {
-      std::fill(in, in + dim_, T(0));
+      row_[l] = copy_row_;
     } else if (lane.phase == kFirstEval) {
-      std::copy(y, y + dim_, in);
+      row_[l] = copy_row_;
       time = static_cast<T>(lane.t_start);
     } else if (lane.phase == kSecondEval) {
-      // y0 + h0 f0 at t0 + h0, the heuristic's probe (BatchSolver._initial_step)
-      const T signed_h0 = static_cast<T>(lane.dir * static_cast<double>(lane.h0));
-      for (int64_t d = 0; d < dim_; ++d) in[d] = y[d] + signed_h0 * k[d];
-      time = static_cast<T>(lane.t_start + static_cast<double>(signed_h0));
+      row_[l] = probe_row_;
+      time = static_cast<T>(lane.t_start + static_cast<double>(lane.probe_h));
     } else {
-      const int i = lane.phase;
-      combine(y, k, dim_, method_.a_rows[i], lane.h, dim_, in);
-      time = static_cast<T>(lane.t + method_.c[i] * lane.h);
+      row_[l] = lane.phase;
+      time = static_cast<T>(lane.t + method_.c[lane.phase] * lane.h);
     }
-    for (int64_t d = 0; d < dim_; ++d) x_[d * N + l] = in[d];
-    if (call_.mlp.time_concat) x_[dim_ * N + l] = lane.phase == kIdle ? T(0) : time;
+    store_at_[l] = lane.phase >= 0 ? lane.phase : lane.phase == kFirstEval ? 0 : stages_;
+    if (call_.mlp.time_concat) x_[dim_ * N + l] = time;
+    return lane.phase == stages_ - 1;
   }
 
   void consume(int l) {
     Lane& lane = lanes_[l];
     if (lane.phase == kIdle) return;
-    T* f = tmp_.data();
-    for (int64_t d = 0; d < dim_; ++d) f[d] = out_[d * N + l];
-    if (lane.phase == kFirstEval) return first_evaluated(l, f);
-    if (lane.phase == kSecondEval) return second_evaluated(l, f);
-    std::copy(f, f + dim_, k_of(l) + lane.phase * dim_);
+    if (lane.phase == kFirstEval) return first_evaluated(l);
+    if (lane.phase == kSecondEval) return second_evaluated(l);
     if (lane.phase + 1 < stages_) {
       ++lane.phase;
       return;
@@ -849,38 +1018,38 @@ class ForwardTile {
       end_adaptive_step(l);
   }
 
-  // RMS over the state of x / (atol + rtol |y0|), in the state's dtype.
+  // RMS over the state of x(d) / (atol + rtol |y0|), in the state's dtype.
   template <typename F>
-  T scaled_rms(int64_t s, const T* y, const F& x) const {
+  T scaled_rms(int l, const F& x) {
     T sum = 0;
     for (int64_t d = 0; d < dim_; ++d) {
-      const T scale = tol(atol_, call_.atol_layout, s, d) + tol(rtol_, call_.rtol_layout, s, d) * std::abs(y[d]);
+      const T scale = atol_[d * N + l] + rtol_[d * N + l] * std::abs(y_at(l, d));
       const T v = x(d) / scale;
       sum += v * v;
     }
     return std::sqrt(sum / static_cast<T>(dim_));
   }
 
-  void first_evaluated(int l, const T* f0) {
+  // f0 = f(t0, y0) is stage 0 now.
+  void first_evaluated(int l) {
     Lane& lane = lanes_[l];
-    std::copy(f0, f0 + dim_, k_of(l));
-    for (int64_t d = 0; d < dim_; ++d) lane.finite = lane.finite && std::isfinite(f0[d]);
+    for (int64_t d = 0; d < dim_; ++d) lane.finite = lane.finite && std::isfinite(k_at(l, 0, d));
     if (first_step_ != nullptr) {
       lane.stats[kFEvals] = 1;
       return begin(l, first_step_[lane.sample]);
     }
-    const T* y = y_of(l);
-    const T d0 = scaled_rms(lane.sample, y, [&](int64_t d) { return y[d]; });
-    lane.d1 = scaled_rms(lane.sample, y, [&](int64_t d) { return f0[d]; });
+    const T d0 = scaled_rms(l, [&](int64_t d) { return y_at(l, d); });
+    lane.d1 = scaled_rms(l, [&](int64_t d) { return k_at(l, 0, d); });
     lane.h0 = initial_h0(d0, lane.d1);
+    // y0 + h0 f0 at t0 + h0, the heuristic's probe (BatchSolver._initial_step)
+    lane.probe_h = static_cast<T>(lane.dir * static_cast<double>(lane.h0));
+    stage_weight(probe_row_, 0, l) = lane.probe_h;
     lane.phase = kSecondEval;
   }
 
-  void second_evaluated(int l, const T* f1) {
+  void second_evaluated(int l) {
     Lane& lane = lanes_[l];
-    const T* y = y_of(l);
-    const T* f0 = k_of(l);
-    const T rms_df = scaled_rms(lane.sample, y, [&](int64_t d) { return f1[d] - f0[d]; });
+    const T rms_df = scaled_rms(l, [&](int64_t d) { return out_[d * N + l] - k_at(l, 0, d); });
     lane.stats[kFEvals] = 2;
     begin(l, initial_dt(lane.h0, lane.d1, rms_df, call_.order));
   }
@@ -889,22 +1058,64 @@ class ForwardTile {
     Lane& lane = lanes_[l];
     lane.status = start_sample(call_.ctrl, dt, lane.finite, lane.next_out >= call_.outputs, lane.t_start,
                                lane.t_end, lane.dir, &lane.dt, &lane.h);
-    if (!lane.finite) std::fill(k_of(l), k_of(l) + dim_, T(0));
+    if (!lane.finite)
+      for (int64_t d = 0; d < dim_; ++d) k_at(l, 0, d) = T(0);
     if (lane.status != kRunning) return finish(l);
-    lane.phase = 1;
+    start_attempt(l, 1);
   }
 
-  // Writes every output time the accepted step [t0, t1] reached from its dense output.
+  // Writes every output time the accepted step [t0, t1] reached from its dense output, a group of
+  // outputs at a time: the stages' weights h B_j(theta) as batch_step computes them, zero ones
+  // skipped, summed as combine sums.
   void write_outputs(int l, double t0, double t1) {
     Lane& lane = lanes_[l];
     const int64_t s = lane.sample, outputs = call_.outputs;
     const double* te = times_of(t_eval_, call_.shared_times, s, outputs);
-    for (; lane.next_out < outputs && (te[lane.next_out] - t1) * lane.dir <= 0.0; ++lane.next_out) {
-      const int64_t j = lane.next_out;
-      const CoefficientRow w = dense_terms(method_, (te[j] - t0) / lane.h, lane.h);
-      combine(y_of(l), k_of(l), dim_, w, 1.0, dim_, job_.ys + (s * outputs + j) * dim_);
-      job_.out_step[s * outputs + j] = lane.stats[kAccepted];
+    int64_t end = lane.next_out;
+    while (end < outputs && (te[end] - t1) * lane.dir <= 0.0) ++end;
+    for (int64_t j0 = lane.next_out; j0 < end; j0 += kDenseGroup) {
+      const int count = static_cast<int>(std::min<int64_t>(kDenseGroup, end - j0));
+      double theta[kDenseGroup];
+      for (int q = 0; q < kDenseGroup; ++q) theta[q] = (te[j0 + std::min(q, count - 1)] - t0) / lane.h;
+      T weight[kMaxStages][kDenseGroup];
+      bool term[kMaxStages][kDenseGroup];
+      dense_weights(theta, lane.h, weight, term);
+      const T* __restrict y = y_.data() + l;  // lane l's column (the outputs are elsewhere)
+      const T* __restrict k = k_.data() + l;
+      for (int q = 0; q < count; ++q) {
+        T* __restrict out = job_.ys + (s * outputs + j0 + q) * dim_;
+        for (int64_t d = 0; d < dim_; ++d) {
+          T acc = 0;
+          for (int i = 0; i < stages_; ++i)
+            if (term[i][q]) acc += weight[i][q] * k[(i * dim_ + d) * N];
+          out[d] = static_cast<T>(y[d * N] + acc);
+        }
+        job_.out_step[s * outputs + j0 + q] = lane.stats[kAccepted];
+      }
     }
+    lane.next_out = end;
+  }
+
+  // dense_weight(poly, degree, i, theta_q, h) of every stage i and output q, operation for
+  // operation, as T (and whether it is nonzero); the outputs side by side in the inner loops, so
+  // that they vectorise.
+  void dense_weights(const double* theta, double h, T (*weight)[kDenseGroup], bool (*term)[kDenseGroup]) const {
+    double acc[kMaxStages][kDenseGroup], power[kDenseGroup];
+    for (int q = 0; q < kDenseGroup; ++q) power[q] = theta[q];
+    for (int i = 0; i < stages_; ++i)
+      for (int q = 0; q < kDenseGroup; ++q) acc[i][q] = 0.0;
+    for (int p = 0; p < method_.degree; ++p) {
+      const double* coef = poly_by_power_.data() + p * stages_;
+      for (int i = 0; i < stages_; ++i)
+        for (int q = 0; q < kDenseGroup; ++q) acc[i][q] += coef[i] * power[q];
+      for (int q = 0; q < kDenseGroup; ++q) power[q] *= theta[q];
+    }
+    for (int i = 0; i < stages_; ++i)
+      for (int q = 0; q < kDenseGroup; ++q) {
+        const double w = acc[i][q] * h;
+        term[i][q] = w != 0.0;
+        weight[i][q] = static_cast<T>(w);
+      }
   }
 
   void record(int l, double t0, double t1) {
@@ -913,30 +1124,19 @@ class ForwardTile {
     log_.where.push_back(lane.sample);
     log_.where.push_back(lane.stats[kAccepted]);
     log_.times.insert(log_.times.end(), {t0, lane.h, t1});
-    log_.values.insert(log_.values.end(), y_of(l), y_of(l) + dim_);
-    log_.values.insert(log_.values.end(), k_of(l), k_of(l) + dim_);
+    for (int64_t d = 0; d < dim_; ++d) log_.values.push_back(y_at(l, d));
+    for (int64_t d = 0; d < dim_; ++d) log_.values.push_back(k_at(l, 0, d));
   }
 
-  // batch_step for one sample: y1, the error ratio, accept, outputs, the controller.
+  // y <- y1 (step_ends' result) after an accepted step.
+  void take_y1(int l) {
+    for (int64_t d = 0; d < dim_; ++d) y_at(l, d) = y1_[d * N + l];
+  }
+
+  // batch_step for one sample, from step_ends' y1 and error ratio: accept, outputs, the controller.
   void end_adaptive_step(int l) {
     Lane& lane = lanes_[l];
-    const int64_t s = lane.sample;
-    T* y = y_of(l);
-    T* k = k_of(l);
-    T* y1 = tmp_.data();
-    T* err = tmp_.data() + dim_;
-    combine(y, k, dim_, method_.b_row, lane.h, dim_, y1);
-    combine(static_cast<const T*>(nullptr), k, dim_, method_.b_error_row, lane.h, dim_, err);
-    double sumsq = 0.0, finite = 0.0;
-    for (int64_t d = 0; d < dim_; ++d) {
-      const T scale = tol(atol_, call_.atol_layout, s, d) +
-                      tol(rtol_, call_.rtol_layout, s, d) * std::max(std::abs(y[d]), std::abs(y1[d]));
-      const double ratio = err[d] / scale;
-      sumsq += ratio * ratio;
-      finite += static_cast<double>(y1[d] - y1[d]);
-    }
-    const double ratio = finite != finite ? std::numeric_limits<double>::quiet_NaN()
-                                          : std::sqrt(sumsq / static_cast<double>(dim_));
+    const double ratio = ratio_[l];
     const bool accept = ratio <= 1.0;
     const double t0 = lane.t;
     double t1 = t0;
@@ -948,21 +1148,18 @@ class ForwardTile {
     const SampleState state{&lane.t, &lane.dt, &lane.h, &lane.status, lane.stats, lane.history};
     advance_sample(call_.ctrl, state, ratio, accept, t1, lane.next_out >= call_.outputs, lane.t_end, lane.dir);
     if (accept) {
-      std::copy(y1, y1 + dim_, y);
-      std::copy(k + (stages_ - 1) * dim_, k + stages_ * dim_, k);  // the last stage is the next first
+      take_y1(l);
+      for (int64_t d = 0; d < dim_; ++d) k_at(l, 0, d) = k_at(l, stages_ - 1, d);  // the last stage is the next first
     }
     if (lane.status != kRunning) return finish(l);
-    lane.phase = 1;
+    start_attempt(l, 1);
   }
 
   // One step of the fixed grid: every stage evaluated afresh, no error control.
   void end_fixed_step(int l) {
     Lane& lane = lanes_[l];
-    T* y = y_of(l);
-    T* y1 = tmp_.data();
-    combine(y, k_of(l), dim_, method_.b_row, lane.h, dim_, y1);
     bool finite = true;
-    for (int64_t d = 0; d < dim_; ++d) finite = finite && std::isfinite(y1[d]);
+    for (int64_t d = 0; d < dim_; ++d) finite = finite && std::isfinite(y1_[d * N + l]);
     lane.stats[kFEvals] += stages_;
     lane.stats[kSteps] += 1;
     if (!finite) {  // the step is not taken: the sample stops where it was
@@ -974,7 +1171,7 @@ class ForwardTile {
     record(l, t0, t1);  // both name the step by its index, the accepted count before it
     write_outputs(l, t0, t1);
     lane.stats[kAccepted] += 1;
-    std::copy(y1, y1 + dim_, y);
+    take_y1(l);
     lane.t = t1;
     ++lane.grid_index;
     if (lane.grid_index >= lane.grid_steps) {
@@ -983,7 +1180,7 @@ class ForwardTile {
       lane.status = kMaxStepsReached;
     } else {
       lane.h = grid_time(lane, lane.grid_index + 1) - t1;
-      lane.phase = 0;
+      start_attempt(l, 0);
       return;
     }
     finish(l);
@@ -1005,10 +1202,17 @@ class ForwardTile {
   CheckpointLog<T>& log_;
   const int64_t dim_;
   const int stages_;
+  const int probe_row_, copy_row_, rows_;  // coefficient rows besides the stages'
   Lane lanes_[N];
   bool drained_ = false;
-  std::vector<T> x_, out_, scratch_, y_, k_, tmp_;
-  const T *y0_, *rtol_, *atol_;
+  // Rows of lanes: the network's input and output, the state, the stages, the step's end, the
+  // tolerances; the weights of every coefficient row, b and b_error.
+  std::vector<T> x_, out_, scratch_, y_, k_, y1_, scaled_, atol_, rtol_, stage_weights_, b_weights_, e_weights_;
+  std::vector<uint8_t> uses_, signed_zero_;
+  std::vector<double> poly_by_power_;  // the dense output's coefficients, power by power (degree x stages)
+  LaneIndex<T> row_[N] = {}, store_at_[N] = {};
+  double sumsq_[N] = {}, nonfinite_[N] = {}, ratio_[N] = {};
+  const T *y0_, *rtol_in_, *atol_in_;
   const double *t_eval_, *t_start_, *t_end_, *first_step_;
 };
 
@@ -1263,7 +1467,7 @@ class BackwardTile {
     const double* te = times_of(t_eval_, call_.shared_times, s, call_.outputs);
     for (; lane.output >= 0 && out_step_[s * call_.outputs + lane.output] == lane.step; --lane.output) {
       const T* g = grad_out(s, lane.output);
-      add_terms(g, dense_terms(method_, (te[lane.output] - lane.t0) / lane.h, lane.h), 1.0, kappa, lam_y);
+      add_dense_terms(g, (te[lane.output] - lane.t0) / lane.h, lane.h, kappa, lam_y);
     }
     add_terms(lane_vec(lam_, l), method_.b_row, lane.h, kappa, lam_y);
     if (!method_.fixed) {
@@ -1281,6 +1485,19 @@ class BackwardTile {
       const T w = static_cast<T>(row.coef[t] * h);
       T* kj = kappa + row.index[t] * dim_;
       for (int64_t d = 0; d < dim_; ++d) kj[d] += w * g[d];
+    }
+  }
+
+  // add_terms for an output's dense output: weights (T) h B_j(theta) as batch_step computes them,
+  // zero ones skipped.
+  void add_dense_terms(const T* g, double theta, double h, T* kappa, T* lam_y) {
+    for (int64_t d = 0; d < dim_; ++d) lam_y[d] += g[d];
+    for (int j = 0; j < stages_; ++j) {
+      const double w = dense_weight(method_.poly, method_.degree, j, theta, h);
+      if (w == 0.0) continue;
+      const T wt = static_cast<T>(w);
+      T* kj = kappa + j * dim_;
+      for (int64_t d = 0; d < dim_; ++d) kj[d] += wt * g[d];
     }
   }
 
