@@ -35,6 +35,7 @@ from . import _ops
 from ._mlp_cuda import cuda_fit_reason
 from .batch import Solution, Status
 from .errors import SolverError
+from .solvers.common import tolerance
 from .fused_mlp import MLPSpec, _solve_mlp, mlp_spec, mlp_spec_reason
 from .tableaus import ADAPTIVE, FIXED
 
@@ -174,13 +175,12 @@ def fused_reason(
     return _odeint_reason(mlp_spec(func), func, y0, t, rtol, atol, method, options, adjoint_params)
 
 
-def _row_tolerance(tol: Any, y0: Tensor, rows: int) -> Any:
-    """A tolerance of odeint's (scalar, flat per element, or broadcastable to y0) per row of y0."""
+def _row_tolerance(tol: Any, y0: Tensor, rows: int, name: str) -> Any:
+    """A tolerance of odeint's per row of y0: a host float when it is one value (the fused solve's
+    fast path), else odeint's own broadcasting (solvers.common.tolerance) viewed as (rows, D)."""
     if not isinstance(tol, Tensor) or tol.numel() == 1:
         return float(tol)
-    tol = tol.detach().to(y0.device, y0.dtype)
-    tol = tol.reshape(y0.shape) if tol.dim() == 1 and tol.numel() == y0.numel() else tol.expand(y0.shape)
-    return tol.reshape(rows, -1)
+    return tolerance(tol, y0, name).reshape(rows, -1)
 
 
 def _raise_for_failure(solution: Solution, y0_rows: Tensor, caller: str) -> None:
@@ -205,8 +205,8 @@ def _solve(spec: MLPSpec, y0: Tensor, t: Tensor, rtol: Any, atol: Any, method: s
            options: dict[str, Any], caller: str) -> FusedSolve:
     method = "dopri5" if method is None else method
     rows = y0.reshape(-1, spec.dim)
-    kwargs: dict[str, Any] = dict(method=method, rtol=_row_tolerance(rtol, y0, rows.shape[0]),
-                                  atol=_row_tolerance(atol, y0, rows.shape[0]))
+    kwargs: dict[str, Any] = dict(method=method, rtol=_row_tolerance(rtol, y0, rows.shape[0], "rtol"),
+                                  atol=_row_tolerance(atol, y0, rows.shape[0], "atol"))
     if method in ADAPTIVE:
         # clip_to_end=False: steps pass the last time and interpolate back, as odeint's do.
         intervals = len(t) - 1
